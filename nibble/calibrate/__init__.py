@@ -1,0 +1,1 @@
+"""The block-by-block calibration engine every post-training method runs on."""

@@ -1,0 +1,6 @@
+"""Storage formats of quantized weights: one module class per format, a registry, checkpoints."""
+
+from nibble.formats.base import FORMATS, QuantizedLinear, register_format
+from nibble.formats.scalar import ScalarQuantLinear
+
+__all__ = ["FORMATS", "QuantizedLinear", "register_format", "ScalarQuantLinear"]
