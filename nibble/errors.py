@@ -1,6 +1,12 @@
 """Errors nibble raises on bad input. Each carries a one-line message that names the problem."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type name)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 class NibbleError(Exception):
     """Base class: the CLI prints these as a single line and exits with status 2."""
 

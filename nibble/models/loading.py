@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nibble.errors import CheckpointError, ModelNotFoundError, NonFiniteError
+from nibble.errors import CheckpointError, ModelNotFoundError, NonFiniteError, first_line
 from nibble.models.architecture import normalize_linear_layers
 
 NIBBLE_CONFIG = "nibble_config.json"
@@ -98,7 +98,7 @@ def load_tokenizer(spec: str):
             return AutoTokenizer.from_pretrained(resolved.location, gguf_file=resolved.gguf_file)
         return AutoTokenizer.from_pretrained(resolved.location)
     except OSError as exc:
-        raise ModelNotFoundError(f"cannot load the tokenizer of {spec}: {exc}") from None
+        raise ModelNotFoundError(f"cannot load the tokenizer of {spec}: {first_line(exc)}") from None
 
 
 def _load_transformers(resolved: ResolvedSpec, dtype: torch.dtype) -> nn.Module:
@@ -110,10 +110,9 @@ def _load_transformers(resolved: ResolvedSpec, dtype: torch.dtype) -> nn.Module:
     try:
         return AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if resolved.kind == "hub":
-            raise ModelNotFoundError(f"cannot load {resolved.location!r} from the hub: {first_line}") from None
-        raise CheckpointError(f"cannot load model from {resolved.location}: {first_line}") from None
+            raise ModelNotFoundError(f"cannot load {resolved.location!r} from the hub: {first_line(exc)}") from None
+        raise CheckpointError(f"cannot load model from {resolved.location}: {first_line(exc)}") from None
 
 
 def check_finite_parameters(model: nn.Module, what: str) -> None:

@@ -90,3 +90,16 @@ def test_model_without_block_list_is_unsupported():
 
     with pytest.raises(UnsupportedArchitectureError, match="Flat has no list of decoder blocks"):
         decoder_blocks(Flat())
+
+
+def test_unreachable_hub_id_fails_with_one_line_from_the_console_script():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "nibble.cli", "eval", "example-org/no-such-model"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("nibble: error:")]
+    assert len(lines) == 1 and "example-org/no-such-model" in lines[0]
