@@ -2,5 +2,6 @@
 
 from nibble.formats.base import FORMATS, QuantizedLinear, register_format
 from nibble.formats.scalar import ScalarQuantLinear
+from nibble.formats.aqlm import AQLMLinear
 
-__all__ = ["FORMATS", "QuantizedLinear", "register_format", "ScalarQuantLinear"]
+__all__ = ["FORMATS", "QuantizedLinear", "register_format", "ScalarQuantLinear", "AQLMLinear"]

@@ -2,7 +2,7 @@
 
 A finished checkpoint folder holds
 - ``model.safetensors``: every tensor of the model (quantized layers' codes, scales, codebooks;
-  the rest, e.g. embeddings and norms, in the storage dtype, float16 by default);
+  embeddings and head in the storage dtype, float16 by default; norm weights and biases float32);
 - ``config.json`` and tokenizer files: the base architecture, as transformers writes them;
 - ``nibble_config.json``: the method config, calibration settings, per-layer formats, bit counts,
   and the size and sha256 of ``model.safetensors``. It is written last, atomically: a folder
@@ -80,8 +80,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def storage_state_dict(module: nn.Module, float_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """``module.state_dict()`` with floating tensors cast to their storage dtype, tied copies dropped.
 
-    Quantized layers declare per-tensor storage dtypes (``storage_dtypes``); every other floating
-    tensor is stored as ``float_dtype``.
+    Quantized layers declare per-tensor storage dtypes (``storage_dtypes``); other floating matrices
+    (embeddings, head) are stored as ``float_dtype`` and vectors (norm weights, biases) as float32.
     """
     declared: dict[str, torch.dtype] = {}
     for prefix, child in module.named_modules():
@@ -94,7 +94,8 @@ def storage_state_dict(module: nn.Module, float_dtype: torch.dtype = torch.float
             continue
         seen.add(key)
         if tensor.is_floating_point():
-            tensor = tensor.to(declared.get(name, float_dtype))
+            default = float_dtype if tensor.dim() > 1 else torch.float32  # norms and biases stay exact
+            tensor = tensor.to(declared.get(name, default))
         tensors[name] = tensor
     return tensors
 

