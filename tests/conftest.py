@@ -45,6 +45,15 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests use tiny tensors: one thread beats OpenMP hand-offs, above all on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tokenizer():
     return byte_tokenizer()

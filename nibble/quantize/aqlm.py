@@ -79,7 +79,7 @@ class AQLMConfig(QuantConfig):
     finetune_max_tokens: int = 16384
     finetune_tolerance: float = 1e-3
     seed: int = 0
-    preset: str = "default"
+    preset_name: str = "default"
 
     @classmethod
     def preset_names(cls) -> list[str]:
@@ -94,7 +94,7 @@ class AQLMConfig(QuantConfig):
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ConfigError(f"unknown AQLM setting(s): {', '.join(unknown)}")
-        config = cls(**{**PRESETS[name], "preset": name, **overrides})
+        config = cls(**{**PRESETS[name], "preset_name": name, **overrides})
         config.validate()
         return config
 

@@ -10,13 +10,6 @@ from nibble.formats import FORMATS
 from nibble.formats.aqlm import AQLMLinear, codes_to_index, dequantize_additive, index_to_codes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_layer(out_features=12, in_features=32, num_codebooks=2, nbits=8, group_size=8, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)

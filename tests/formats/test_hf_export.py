@@ -23,13 +23,6 @@ from nibble.formats.hf_export import (
 from nibble.models.architecture import set_submodule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_llama(hidden=64, intermediate=128, kv_heads=2, tie=False, bias=False, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM

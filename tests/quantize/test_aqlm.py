@@ -20,14 +20,6 @@ from nibble.quantize.base import METHODS, config_from_dict
 TINY = dict(max_iterations=4, tolerance=0.0, kmeans_iterations=6, codebook_steps=3, beam_size=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: OpenMP's thread hand-offs cost far more than they save on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def correlated_problem(out_features: int, in_features: int, seed: int = 0, tokens: int = 512):
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +39,8 @@ def objective(weight, hessian, codes, codebooks, scales):
 
 def test_presets_overrides_and_round_trip():
     default, fast = AQLMConfig.preset("default"), AQLMConfig.preset("fast")
-    assert default.preset == "default" and fast.preset == "fast"
+    assert default.preset_name == "default" and fast.preset_name == "fast"
+    assert AQLMConfig().preset_name == "default"
     assert fast.beam_size < default.beam_size and fast.max_iterations < default.max_iterations
     custom = AQLMConfig.preset("fast", num_codebooks=1, nbits_per_codebook=12)
     assert (custom.num_codebooks, custom.nbits_per_codebook, custom.beam_size) == (1, 12, fast.beam_size)
