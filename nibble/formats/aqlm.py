@@ -125,6 +125,11 @@ class AQLMLinear(QuantizedLinear):
                 self._cache = (key, dequantize_additive(self.codes, self.codebooks, self.scales))
         return self._cache[1]
 
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from nibble.kernels import aqlm_linear
+
+        return aqlm_linear(x, self.codes, self.codebooks, self.scales, self.bias)
+
     def format_config(self) -> dict[str, Any]:
         return {
             "format": self.format_name,

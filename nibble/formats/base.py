@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMATS: dict[str, type["QuantizedLinear"]] = {}
+#: calls with at most this many input rows (decode steps, small batches) go to the fast kernels of
+#: ``nibble.kernels``; larger ones (prefill, evaluation, training) decode the weight and use a matmul
+KERNEL_MAX_ROWS = 8
 
 
 def register_format(cls: type["QuantizedLinear"]) -> type["QuantizedLinear"]:
@@ -63,8 +66,20 @@ class QuantizedLinear(nn.Module):
         """(rows, columns) of the grid of weight groups that ``project_`` masks address."""
         raise NotImplementedError
 
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x Wᵀ + b by a compressed-weight kernel; formats without one use the dense path."""
+        return self.dense_forward(x)
+
     # --- shared behaviour -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if rows <= KERNEL_MAX_ROWS and not training:
+            return self.kernel_forward(x)
+        return self.dense_forward(x)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode the weight, then one matmul (differentiable in the continuous parameters)."""
         weight = self.dequantize().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)

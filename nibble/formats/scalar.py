@@ -74,15 +74,20 @@ class ScalarQuantLinear(QuantizedLinear):
 
     def zero_points(self) -> torch.Tensor:
         """Zero points [out, n_groups] as floats (the fixed midpoint for symmetric grids)."""
-        if self.zeros is None:
-            return torch.full_like(self.scales, float(2 ** (self.bits - 1)))
-        return self.zeros.float()
+        from nibble.kernels.reference import scalar_zeros
+
+        return scalar_zeros(self.zeros, self.scales, self.bits)
 
     # --- QuantizedLinear contract --------------------------------------------------------------
     def dequantize(self) -> torch.Tensor:
-        q = self.integers().float().unflatten(1, (-1, self.group_size))
-        weight = self.scales.float()[..., None] * (q - self.zero_points()[..., None])
-        return weight.flatten(1)
+        from nibble.kernels.reference import scalar_dequantize
+
+        return scalar_dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features)
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from nibble.kernels import scalar_linear
+
+        return scalar_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.bias)
 
     def format_config(self) -> dict[str, Any]:
         return {"format": self.format_name, "in_features": self.in_features,
