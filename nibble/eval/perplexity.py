@@ -61,14 +61,17 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int = 2048,
     device = next(model.parameters()).device
     windows = windows_of(token_ids, seqlen, max_windows)
     total_nll = torch.zeros((), dtype=torch.float64)
-    batches = range(0, windows.shape[0], batch_size)
-    for start in tqdm(batches, desc=f"perplexity {dataset}".strip(), disable=not progress, unit="batch"):
+    bar = tqdm(range(0, windows.shape[0], batch_size), desc=f"perplexity {dataset}".strip(),
+               disable=not progress, unit="batch")
+    for start in bar:
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         nll = window_nll(logits, batch)
         if not torch.isfinite(nll):
             raise NonFiniteError(f"non-finite loss on window {start}: the model produces NaN or Inf")
         total_nll += nll
+        scored = min(start + batch_size, windows.shape[0]) * (seqlen - 1)
+        bar.set_postfix(ppl=f"{math.exp(total_nll.item() / scored):.3f}")
     predicted = windows.shape[0] * (seqlen - 1)
     mean_nll = (total_nll / predicted).item()
     return PerplexityResult(math.exp(mean_nll), mean_nll, windows.shape[0], predicted, seqlen, dataset)
