@@ -1,4 +1,4 @@
-"""The ``nibble`` command line: one subcommand per module in ``nibble.commands``."""
+"""The ``nibble`` command line: the subcommands defined by the modules in ``nibble.commands``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 from nibble.errors import NibbleError
 
-COMMANDS = ("quantize", "eval", "export", "finetune")
+COMMANDS = ("quantize", "eval", "export", "finetune", "generate", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

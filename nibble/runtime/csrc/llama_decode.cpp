@@ -1,0 +1,276 @@
+// One decode step (one new token per row) of a Llama-family model in float32 on the CPU.
+//
+// Plain C ABI, no torch headers: compiled in seconds and loaded with ctypes. Python owns every
+// buffer (weights, KV cache, scratch) and passes raw pointers once, in NbModel. Dense linears run
+// here (AVX2/FMA when available, split across a work-stealing pool); any other linear is a format's
+// C kernel (prepare/compute, see NbLinear) or a callback into Python.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+
+#include "work_pool.h"
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+extern "C" {
+
+// A non-dense linear (quantized format, Python callback). Per call, `prepare` (optional) runs once
+// on the calling thread, then `compute` fills y[r, o] for r < rows and out_begin <= o < out_end;
+// compute runs concurrently on disjoint output ranges of `chunk` rows. Strides are in floats.
+typedef void (*nb_prepare_fn)(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace);
+typedef void (*nb_compute_fn)(void* ctx, const float* x, int64_t x_stride, const float* workspace, float* y,
+                              int64_t y_stride, int64_t rows, int64_t out_begin, int64_t out_end);
+
+struct NbLinear {
+    int64_t in_features, out_features;
+    const float* weight;    // [out, in] row-major: dense; null: prepare/compute below
+    const float* bias;      // [out] or null (dense only)
+    nb_prepare_fn prepare;  // may be null
+    nb_compute_fn compute;
+    void* ctx;
+    float* workspace;  // for prepare/compute, owned by Python
+    int64_t chunk;     // output rows per task
+};
+
+struct NbLayer {
+    const float* input_norm;
+    const float* post_norm;
+    NbLinear qkv[3];  // one fused linear (n_qkv == 1) or q, k, v
+    int64_t n_qkv;
+    NbLinear o_proj;
+    NbLinear gate_up[2];  // one fused linear (n_gate_up == 1) or gate, up
+    int64_t n_gate_up;
+    NbLinear down;
+};
+
+struct NbModel {
+    int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab, max_len, batch;
+    int64_t threads;
+    double eps, scale;
+    const float* embed;       // [vocab, hidden]
+    const float* final_norm;  // [hidden]
+    const float* rope_cos;    // [max_len, head_dim]
+    const float* rope_sin;    // [max_len, head_dim], first half negated
+    float* cache;             // [layers, 2, batch, kv_heads, max_len, head_dim]
+    NbLayer* layers;
+    NbLinear lm_head;
+    // scratch, all [batch, ...]
+    float* x;       // hidden
+    float* h;       // normalized hidden
+    float* qkv;     // (heads + 2 kv_heads) * head_dim
+    float* attn;    // heads * head_dim
+    float* mlp;     // 2 * intermediate (gate, then up)
+    float* scores;  // heads * max_len
+    float* logits;  // vocab
+};
+
+}  // extern "C"
+
+namespace {
+
+float dot(const float* a, const float* b, int64_t n) {
+    int64_t i = 0;
+    float total = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    __m256 acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_shuffle_ps(half, half, 1));
+    total = _mm_cvtss_f32(half);
+#endif
+    for (; i < n; ++i) total += a[i] * b[i];
+    return total;
+}
+
+constexpr int64_t kRowsPerChunk = 32;
+
+// y = x W^T + b for `rows` input rows; each weight row is read once for all input rows.
+void dense_linear(const NbLinear& lin, const float* x, int64_t x_stride, float* y, int64_t y_stride,
+                  int64_t rows, nibble::WorkPool& pool) {
+    const int64_t in = lin.in_features, out = lin.out_features;
+    const int64_t chunks = (out + kRowsPerChunk - 1) / kRowsPerChunk;
+    pool.run(chunks, [&](int64_t chunk) {
+        const int64_t end = std::min(out, (chunk + 1) * kRowsPerChunk);
+        for (int64_t o = chunk * kRowsPerChunk; o < end; ++o) {
+            const float* w = lin.weight + o * in;
+            const float b = lin.bias ? lin.bias[o] : 0.0f;
+            for (int64_t r = 0; r < rows; ++r) y[r * y_stride + o] = dot(w, x + r * x_stride, in) + b;
+        }
+    });
+}
+
+nibble::WorkPool& pool_for(int64_t threads) {
+    static nibble::WorkPool pool;
+    pool.resize(threads);
+    return pool;
+}
+
+void run_linear(const NbModel& m, const NbLinear& lin, const float* x, int64_t x_stride, float* y,
+                int64_t y_stride) {
+    if (lin.weight) {
+        dense_linear(lin, x, x_stride, y, y_stride, m.batch, pool_for(m.threads));
+        return;
+    }
+    if (lin.prepare) lin.prepare(lin.ctx, x, x_stride, m.batch, lin.workspace);
+    const int64_t out = lin.out_features, chunk = std::max<int64_t>(lin.chunk, 1);
+    pool_for(m.threads).run((out + chunk - 1) / chunk, [&](int64_t task) {
+        lin.compute(lin.ctx, x, x_stride, lin.workspace, y, y_stride, m.batch, task * chunk,
+                    std::min(out, (task + 1) * chunk));
+    });
+}
+
+void rms_norm(const float* x, const float* weight, float* out, int64_t n, double eps) {
+    float squares = 0.0f;
+    for (int64_t i = 0; i < n; ++i) squares += x[i] * x[i];
+    const float inv = 1.0f / std::sqrt(squares / static_cast<float>(n) + static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * inv);
+}
+
+// x <- x * cos + rotate_half(x) * sin, with sin's first half pre-negated.
+void rope(float* x, const float* cos, const float* sin, int64_t dim) {
+    const int64_t half = dim / 2;
+    float rotated[512];
+    for (int64_t i = 0; i < dim; ++i) rotated[i] = x[(i + half) % dim];
+    for (int64_t i = 0; i < dim; ++i) x[i] = x[i] * cos[i] + rotated[i] * sin[i];
+}
+
+float* cache_at(const NbModel& m, int64_t layer, int64_t kind, int64_t row, int64_t kv_head, int64_t slot) {
+    const int64_t per_head = m.max_len * m.head_dim;
+    const int64_t index = (((layer * 2 + kind) * m.batch + row) * m.num_kv_heads + kv_head) * per_head;
+    return m.cache + index + slot * m.head_dim;
+}
+
+// Rotate q and k of every row, then store k and v at `slot` of the cache.
+void rope_and_store(const NbModel& m, int64_t layer, const int64_t* positions, int64_t slot) {
+    const int64_t qkv_width = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim;
+    for (int64_t r = 0; r < m.batch; ++r) {
+        float* row = m.qkv + r * qkv_width;
+        const float* cos = m.rope_cos + positions[r] * m.head_dim;
+        const float* sin = m.rope_sin + positions[r] * m.head_dim;
+        for (int64_t h = 0; h < m.num_heads + m.num_kv_heads; ++h) rope(row + h * m.head_dim, cos, sin, m.head_dim);
+        for (int64_t g = 0; g < m.num_kv_heads; ++g) {
+            const float* k = row + (m.num_heads + g) * m.head_dim;
+            const float* v = row + (m.num_heads + m.num_kv_heads + g) * m.head_dim;
+            std::memcpy(cache_at(m, layer, 0, r, g, slot), k, m.head_dim * sizeof(float));
+            std::memcpy(cache_at(m, layer, 1, r, g, slot), v, m.head_dim * sizeof(float));
+        }
+    }
+}
+
+// Softmax attention of each row's query heads over cache slots pads[r] .. length-1.
+void attention(const NbModel& m, int64_t layer, const int64_t* pads, int64_t length) {
+    const int64_t qkv_width = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim;
+    const int64_t group = m.num_heads / m.num_kv_heads;
+    const int64_t tasks = m.batch * m.num_heads;
+    auto one_head = [&](int64_t task) {
+        const int64_t r = task / m.num_heads, h = task % m.num_heads, g = h / group;
+        const float* q = m.qkv + r * qkv_width + h * m.head_dim;
+        const float* keys = cache_at(m, layer, 0, r, g, 0);
+        const float* values = cache_at(m, layer, 1, r, g, 0);
+        float* scores = m.scores + task * m.max_len;
+        float* out = m.attn + r * m.num_heads * m.head_dim + h * m.head_dim;
+        const int64_t first = pads[r] < length - 1 ? pads[r] : length - 1;
+        float best = -INFINITY;
+        for (int64_t s = first; s < length; ++s) {
+            scores[s] = dot(q, keys + s * m.head_dim, m.head_dim) * static_cast<float>(m.scale);
+            best = scores[s] > best ? scores[s] : best;
+        }
+        float total = 0.0f;
+        for (int64_t s = first; s < length; ++s) total += (scores[s] = std::exp(scores[s] - best));
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < m.head_dim; ++d) out[d] = 0.0f;
+        for (int64_t s = first; s < length; ++s) {
+            const float p = scores[s] * inv;
+            const float* v = values + s * m.head_dim;
+            for (int64_t d = 0; d < m.head_dim; ++d) out[d] += p * v[d];
+        }
+    };
+    if (length * tasks >= 8192) {
+        pool_for(m.threads).run(tasks, one_head);
+    } else {
+        for (int64_t task = 0; task < tasks; ++task) one_head(task);
+    }
+}
+
+void normalize_rows(const NbModel& m, const float* weight) {
+    for (int64_t r = 0; r < m.batch; ++r) rms_norm(m.x + r * m.hidden, weight, m.h + r * m.hidden, m.hidden, m.eps);
+}
+
+// Run a group of linears (one fused, or several side by side) from h into `out` (row width `width`).
+void run_group(const NbModel& m, const NbLinear* group, int64_t count, float* out, int64_t width) {
+    int64_t offset = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        run_linear(m, group[i], m.h, m.hidden, out + offset, width);
+        offset += group[i].out_features;
+    }
+}
+
+void attention_block(const NbModel& m, int64_t index, const int64_t* positions, const int64_t* pads,
+                     int64_t slot) {
+    const NbLayer& layer = m.layers[index];
+    const int64_t qkv_width = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim;
+    const int64_t attn_width = m.num_heads * m.head_dim;
+    normalize_rows(m, layer.input_norm);
+    run_group(m, layer.qkv, layer.n_qkv, m.qkv, qkv_width);
+    rope_and_store(m, index, positions, slot);
+    attention(m, index, pads, slot + 1);
+    run_linear(m, layer.o_proj, m.attn, attn_width, m.h, m.hidden);
+    for (int64_t i = 0; i < m.batch * m.hidden; ++i) m.x[i] += m.h[i];
+}
+
+void mlp_block(const NbModel& m, int64_t index) {
+    const NbLayer& layer = m.layers[index];
+    const int64_t width = 2 * m.intermediate;
+    normalize_rows(m, layer.post_norm);
+    run_group(m, layer.gate_up, layer.n_gate_up, m.mlp, width);
+    for (int64_t r = 0; r < m.batch; ++r) {
+        float* gate = m.mlp + r * width;
+        const float* up = gate + m.intermediate;
+        for (int64_t i = 0; i < m.intermediate; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    }
+    run_linear(m, layer.down, m.mlp, width, m.h, m.hidden);
+    for (int64_t i = 0; i < m.batch * m.hidden; ++i) m.x[i] += m.h[i];
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t nb_abi_version() { return 2; }
+
+// Embed `tokens` (or use m.x as given when tokens is null), run every layer for one position per row,
+// write k/v at cache `slot`, and leave logits [batch, vocab] in m.logits.
+int64_t nb_llama_decode(const NbModel* model, const int64_t* tokens, const int64_t* positions,
+                        const int64_t* pads, int64_t slot) {
+    static std::mutex one_at_a_time;  // the pool is shared: concurrent Python threads take turns
+    std::lock_guard<std::mutex> lock(one_at_a_time);
+    const NbModel& m = *model;
+    if (slot < 0 || slot >= m.max_len || m.head_dim > 512) return -1;
+    if (tokens) {
+        for (int64_t r = 0; r < m.batch; ++r) {
+            if (tokens[r] < 0 || tokens[r] >= m.vocab) return -2;
+            std::memcpy(m.x + r * m.hidden, m.embed + tokens[r] * m.hidden, m.hidden * sizeof(float));
+        }
+    }
+    for (int64_t index = 0; index < m.num_layers; ++index) {
+        attention_block(m, index, positions, pads, slot);
+        mlp_block(m, index);
+    }
+    normalize_rows(m, m.final_norm);
+    run_linear(m, m.lm_head, m.h, m.hidden, m.logits, m.vocab);
+    return 0;
+}
+
+}  // extern "C"

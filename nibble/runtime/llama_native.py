@@ -1,0 +1,165 @@
+"""The Llama decode step through the C++ library: one foreign call per generated token.
+
+Prefill (several tokens per row) runs through ``LlamaTorchStep``: it is one call per prompt, so its
+Python overhead is spread over many tokens. Both write the same ``StaticKVCache``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import POINTER, c_double, c_int64, c_void_p
+
+import torch
+from torch import nn
+
+from nibble.runtime.engine import StepInput
+from nibble.runtime.kv_cache import StaticKVCache
+from nibble.runtime.linears import PreparedLinear
+from nibble.runtime.llama import LlamaTorchStep
+from nibble.runtime.native import NativeUnavailable, load_library
+
+COMPUTE_FN = ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_int64, c_void_p, c_void_p, c_int64, c_int64, c_int64,
+                              c_int64)
+
+
+class NbLinear(ctypes.Structure):
+    _fields_ = [("in_features", c_int64), ("out_features", c_int64), ("weight", c_void_p), ("bias", c_void_p),
+                ("prepare", c_void_p), ("compute", c_void_p), ("ctx", c_void_p), ("workspace", c_void_p),
+                ("chunk", c_int64)]
+
+
+class NbLayer(ctypes.Structure):
+    _fields_ = [("input_norm", c_void_p), ("post_norm", c_void_p), ("qkv", NbLinear * 3), ("n_qkv", c_int64),
+                ("o_proj", NbLinear), ("gate_up", NbLinear * 2), ("n_gate_up", c_int64), ("down", NbLinear)]
+
+
+class NbModel(ctypes.Structure):
+    _fields_ = [(name, c_int64) for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim",
+                                              "intermediate", "vocab", "max_len", "batch", "threads")]
+    _fields_ += [("eps", c_double), ("scale", c_double)]
+    _fields_ += [(name, c_void_p) for name in ("embed", "final_norm", "rope_cos", "rope_sin", "cache")]
+    _fields_ += [("layers", POINTER(NbLayer)), ("lm_head", NbLinear)]
+    _fields_ += [(name, c_void_p) for name in ("x", "h", "qkv", "attn", "mlp", "scores", "logits")]
+
+
+class LlamaNativeStep:
+    """Same contract as ``LlamaTorchStep``; single-token calls on float32 CPU models go to C++."""
+
+    def __init__(self, model: nn.Module, max_len: int, cache: StaticKVCache, fuse: bool = True,
+                 threads: int | None = None):
+        _check_native_inputs(cache)
+        self.library = _declare(load_library())
+        self.torch_step = LlamaTorchStep(model, max_len, fuse)
+        self.cache = cache
+        self.keep: list = []  # tensors and callbacks the C side points into
+        self.error: BaseException | None = None
+        self.scratch = self._allocate(model, max_len, cache.batch_size)
+        self.struct = self._describe(model, max_len, cache)
+        self.struct.threads = threads or torch.get_num_threads()
+
+    def __call__(self, batch: StepInput, cache: StaticKVCache, all_logits: bool = False) -> torch.Tensor:
+        if batch.tokens.shape[1] != 1 or all_logits or cache is not self.cache:
+            return self.torch_step(batch, cache, all_logits)
+        tokens = batch.tokens[:, 0].contiguous()
+        positions = batch.positions[:, 0].contiguous()
+        pads = batch.pad_lengths.contiguous()
+        token_ptr = tokens.data_ptr() if self.embed_native else None
+        if not self.embed_native:
+            self.scratch["x"].copy_(self.torch_step.embed(tokens))
+        status = self.library.nb_llama_decode(ctypes.byref(self.struct), token_ptr, positions.data_ptr(),
+                                              pads.data_ptr(), batch.start)
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        if status != 0:
+            raise RuntimeError(f"C++ decode step failed with status {status}")
+        return self.scratch["logits"].clone()
+
+    def _allocate(self, model: nn.Module, max_len: int, batch: int) -> dict[str, torch.Tensor]:
+        s = self.torch_step.shape
+        widths = {"x": s.hidden, "h": s.hidden, "qkv": (s.num_heads + 2 * s.num_kv_heads) * s.head_dim,
+                  "attn": s.num_heads * s.head_dim, "mlp": 2 * model.config.intermediate_size,
+                  "scores": s.num_heads * max_len, "logits": self.torch_step.lm_head.out_features}
+        return {name: torch.zeros(batch, width, dtype=torch.float32) for name, width in widths.items()}
+
+    def _describe(self, model: nn.Module, max_len: int, cache: StaticKVCache) -> NbModel:
+        s, step, scratch = self.torch_step.shape, self.torch_step, self.scratch
+        embed = step.embed
+        self.embed_native = type(embed) is nn.Embedding and embed.weight.dtype == torch.float32
+        layers = (NbLayer * s.num_layers)(*[self._layer(layer) for layer in step.layers])
+        self.keep.append(layers)
+        struct = NbModel(
+            num_layers=s.num_layers, hidden=s.hidden, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+            head_dim=s.head_dim, intermediate=model.config.intermediate_size,
+            vocab=step.lm_head.out_features, max_len=max_len, batch=cache.batch_size,
+            threads=1, eps=s.eps, scale=s.scale,
+            embed=self._ptr(embed.weight) if self.embed_native else None, final_norm=self._ptr(step.final_norm),
+            rope_cos=self._ptr(step.cos), rope_sin=self._ptr(step.sin), cache=cache.data.data_ptr(),
+            layers=ctypes.cast(layers, POINTER(NbLayer)),
+            lm_head=self._linear(step.lm_head, scratch["h"], scratch["logits"]),
+        )
+        for name, tensor in scratch.items():
+            setattr(struct, name, tensor.data_ptr())
+        return struct
+
+    def _layer(self, layer) -> NbLayer:
+        scratch = self.scratch
+        intermediate = scratch["mlp"].shape[1] // 2
+        return NbLayer(
+            input_norm=self._ptr(layer.input_norm), post_norm=self._ptr(layer.post_norm),
+            qkv=(NbLinear * 3)(*self._group(layer.qkv, scratch["qkv"])), n_qkv=len(layer.qkv),
+            o_proj=self._linear(layer.o_proj, scratch["attn"], scratch["h"]),
+            gate_up=(NbLinear * 2)(*self._group(layer.gate_up, scratch["mlp"])), n_gate_up=len(layer.gate_up),
+            down=self._linear(layer.down, scratch["mlp"][:, :intermediate], scratch["h"]),
+        )
+
+    def _group(self, linears: list[PreparedLinear], out: torch.Tensor) -> list[NbLinear]:
+        structs, offset = [], 0
+        for linear in linears:
+            structs.append(self._linear(linear, self.scratch["h"], out[:, offset:offset + linear.out_features]))
+            offset += linear.out_features
+        return structs
+
+    def _linear(self, linear: PreparedLinear, x: torch.Tensor, y: torch.Tensor) -> NbLinear:
+        """The C description of ``linear`` reading scratch view ``x`` and writing view ``y``."""
+        if linear.is_dense:
+            weight = linear.weight.contiguous()
+            bias = None if linear.bias is None else self._ptr(linear.bias.contiguous())
+            return NbLinear(weight.shape[1], weight.shape[0], self._ptr(weight), bias)
+        if linear.ckernel is not None:
+            kernel = linear.ckernel
+            workspace = torch.zeros(max(1, kernel.workspace_per_row * x.shape[0]), dtype=torch.float32)
+            self.keep += [kernel.keep_alive, workspace]
+            return NbLinear(x.shape[1], linear.out_features, None, None, kernel.prepare, kernel.compute,
+                            kernel.context, workspace.data_ptr(), kernel.chunk)
+        callback = COMPUTE_FN(self._python_linear(linear, x, y))
+        self.keep.append(callback)
+        address = ctypes.cast(callback, c_void_p).value
+        return NbLinear(x.shape[1], linear.out_features, None, None, None, address, None, None,
+                        linear.out_features)  # one chunk: runs on the calling thread, under the GIL
+
+    def _python_linear(self, linear: PreparedLinear, x: torch.Tensor, y: torch.Tensor):
+        def call(_ctx, _x, _x_stride, _workspace, _y, _y_stride, _rows, _begin, _end) -> None:
+            try:
+                with torch.inference_mode():
+                    y.copy_(linear(x))
+            except BaseException as exc:  # surfaced after the foreign call returns
+                self.error = self.error or exc
+        return call
+
+    def _ptr(self, tensor: torch.Tensor) -> int:
+        if tensor.dtype != torch.float32 or not tensor.is_contiguous():
+            tensor = tensor.float().contiguous()
+        self.keep.append(tensor)
+        return tensor.data_ptr()
+
+
+def _check_native_inputs(cache: StaticKVCache) -> None:
+    if cache.data.device.type != "cpu" or cache.data.dtype != torch.float32:
+        raise NativeUnavailable("the C++ decode step runs float32 models on the CPU only")
+
+
+def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    library.nb_llama_decode.argtypes = [POINTER(NbModel), c_void_p, c_void_p, c_void_p, c_int64]
+    library.nb_llama_decode.restype = c_int64
+    return library

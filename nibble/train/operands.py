@@ -1,0 +1,73 @@
+"""Named operand quantizers and the per-call plan that says how each GEMM operand is quantized.
+
+A quantized layer computes three GEMMs per training step:
+
+* forward        ``Y  = X · Wᵀ``   (reduction over input features)
+* input gradient ``dX = dY · W``   (reduction over output features)
+* weight gradient ``dW = dYᵀ · X`` (reduction over the rows: batch × positions)
+
+Each of the six operands gets a quantizer ``q(tensor, dim) -> tensor`` where ``dim`` is the GEMM's
+reduction dimension (used by block formats, ignored by per-tensor ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from nibble.errors import ConfigError
+from nibble.train.formats import quantize_mxfp4, quantize_nvfp4
+from nibble.train.quantizers import LOG_FORMATS, quantize_activation_pact, quantize_grad_log, quantize_weight_sawb
+
+Quantizer = Callable[[torch.Tensor, int], torch.Tensor]
+
+FORWARD = "forward"  # in a backward GEMM: reuse the operand as the forward GEMM quantized it
+PACT = "int4-pact"
+
+
+def _identity(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t
+
+
+def _static_quantizers() -> dict[str, Quantizer]:
+    table: dict[str, Quantizer] = {
+        "fp32": _identity,
+        "int4-sawb": lambda t, dim: quantize_weight_sawb(t, 4),
+        "mxfp4": lambda t, dim: quantize_mxfp4(t, dim),
+        "mxfp4-sr": lambda t, dim: quantize_mxfp4(t, dim, "stochastic", clip_free=True),
+        "nvfp4": lambda t, dim: quantize_nvfp4(t, dim),
+        "nvfp4-sr": lambda t, dim: quantize_nvfp4(t, dim, "stochastic"),
+    }
+    for name, fmt in LOG_FORMATS.items():
+        table[name] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt)
+    return table
+
+
+STATIC_OPERANDS = _static_quantizers()
+OPERAND_NAMES = (*STATIC_OPERANDS, PACT)
+
+
+def operand_quantizer(name: str, alpha: torch.Tensor | None = None, signed: bool = False) -> Quantizer:
+    """The quantizer called ``name``; ``int4-pact`` needs the layer's clip ``alpha``."""
+    if name == PACT:
+        if alpha is None:
+            raise ConfigError("the int4-pact operand needs a clip value alpha")
+        return lambda t, dim: quantize_activation_pact(t, alpha, 4, signed)
+    if name not in STATIC_OPERANDS:
+        raise ConfigError(f"unknown operand format {name!r}: use one of {', '.join(OPERAND_NAMES)}")
+    return STATIC_OPERANDS[name]
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """The six operand quantizers of one layer call; ``None`` in a backward slot reuses the forward's."""
+
+    x: Quantizer = _identity
+    w: Quantizer = _identity
+    dgrad_g: Quantizer = _identity
+    dgrad_w: Quantizer | None = None
+    wgrad_g: Quantizer = _identity
+    wgrad_x: Quantizer | None = None
+    hadamard: int = 0  # block of the random Hadamard transform on the weight-gradient GEMM (0: none)

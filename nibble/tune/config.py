@@ -1,0 +1,68 @@
+"""Settings of a PV-Tuning run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nibble.errors import ConfigError
+
+MODES = ("pv", "ste")
+
+
+@dataclass
+class TuneConfig:
+    """How the student is tuned. Learning rates are per step of one global batch.
+
+    ``mode``: ``pv`` = linearized subspace V step (re-encode the fraction ``tau`` of groups whose
+    proposed change Ŵ → Ŵ − step is largest); ``ste`` = straight-through estimation (a dense
+    shadow weight takes the optimizer steps; the fraction ``tau`` of groups farthest from it are
+    re-encoded onto it, every group when tau = 1).
+    ``v_lr`` is in units of each layer's weight RMS (the V step's move, before projection, is
+    ``v_lr · rms(Ŵ) · m̂/(√v̂ + ε)``, from an Adam on the dense weights).
+    V steps start at step ``v_start`` (the V-step Adam moments are accumulated from step 0, so
+    that the first V step already ranks groups by consistent gradients).
+    """
+
+    mode: str = "pv"
+    steps: int = 100
+    batch_size: int = 8
+    microbatch_size: int = 1
+    lr: float = 1e-4
+    v_lr: float = 0.3
+    tau: float | None = None
+    trust_ratio: float | None = None
+    v_every: int = 1
+    v_start: int = 0
+    v_betas: tuple[float, float] = (0.9, 0.95)
+    train_norms: bool = True
+    train_non_quantized: bool = False
+    lamb: bool = False
+    betas: tuple[float, float] = (0.9, 0.95)
+    checkpointing: bool = True
+    kl_rows: int = 512
+    kl_cols: int = 16384
+    seed: int = 0
+
+    @property
+    def effective_tau(self) -> float:
+        if self.tau is not None:
+            return self.tau
+        return 1.0 if self.mode == "ste" else 0.01
+
+    def validate(self) -> "TuneConfig":
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown tuning mode {self.mode!r}: use {' or '.join(MODES)}")
+        if not 0.0 <= self.effective_tau <= 1.0:
+            raise ConfigError(f"--tau must lie in [0, 1], got {self.tau}")
+        if self.steps < 0 or self.batch_size < 1 or self.microbatch_size < 1 or self.v_every < 1 or self.v_start < 0:
+            raise ConfigError("--steps must be >= 0 and --batch-size, --microbatch-size, --v-every >= 1")
+        if self.lr < 0 or self.v_lr < 0 or (self.trust_ratio is not None and self.trust_ratio <= 0):
+            raise ConfigError("learning rates must be >= 0 and --trust-ratio > 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["betas"], data["v_betas"] = list(self.betas), list(self.v_betas)
+        data["tau"] = self.effective_tau
+        return data

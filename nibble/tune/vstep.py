@@ -1,0 +1,106 @@
+"""The V step: move the discrete codes of one quantized layer, in any nibble format.
+
+Only the format contract is used: ``dequantize()`` gives the dense weight Ŵ, ``group_shape`` the
+grid of groups that can be re-encoded independently, ``project_(target, mask)`` re-encodes the
+masked groups onto the nearest representable values (rounding to the grid for scalar formats,
+beam search for AQLM).
+
+One step, given a target dense weight Y (Ŵ minus an optimizer step for the linearized PV update,
+or the straight-through shadow weight for STE):
+
+1. score every group by ‖Y − Ŵ‖² over the group and keep the top fraction τ (subspace step);
+2. re-encode those groups towards Y;
+3. with a trust ratio ρ, if ‖Ŵ_new − Ŵ‖ > ρ‖Ŵ‖, keep only the highest-scoring groups whose actual
+   changes fit in the budget and re-encode again from the old codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nibble.formats.base import QuantizedLinear
+
+
+@dataclass
+class VStepStats:
+    selected: int       # groups offered for re-encoding
+    changed: int        # groups whose decoded values actually changed
+    groups: int         # groups in the layer
+    relative_change: float  # ‖Ŵ_new − Ŵ‖ / ‖Ŵ‖
+    weight: torch.Tensor | None = field(default=None, repr=False)  # Ŵ_new
+
+
+def group_view(weight: torch.Tensor, group_shape: tuple[int, int]) -> torch.Tensor:
+    """``weight`` [out, in] viewed as [R, out/R, C, in/C] for a (R, C) grid of groups."""
+    rows, cols = group_shape
+    out_features, in_features = weight.shape
+    if out_features % rows or in_features % cols:
+        raise ValueError(f"group grid {group_shape} does not tile a weight of shape {tuple(weight.shape)}")
+    return weight.reshape(rows, out_features // rows, cols, in_features // cols)
+
+
+def group_sq_norms(delta: torch.Tensor, group_shape: tuple[int, int]) -> torch.Tensor:
+    """Squared norm of ``delta`` in every group, shape ``group_shape``."""
+    return group_view(delta.float(), group_shape).pow(2).sum(dim=(1, 3))
+
+
+def top_fraction_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
+    """Boolean mask of the ⌊τ·n⌋ largest positive scores (ties broken by position)."""
+    flat = scores.flatten()
+    k = min(int(tau * flat.numel()), int((flat > 0).sum()))
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(flat, k, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def changed_groups(before: torch.Tensor, after: torch.Tensor, group_shape: tuple[int, int]) -> torch.Tensor:
+    """Mask of groups in which any decoded value differs."""
+    return group_view(before != after, group_shape).any(dim=3).any(dim=1)
+
+
+def _buffers(layer: QuantizedLinear) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in layer.named_buffers(recurse=False) if b is not None}
+
+
+def _restore(layer: QuantizedLinear, saved: dict[str, torch.Tensor]) -> None:
+    for name, value in saved.items():
+        getattr(layer, name).copy_(value)
+
+
+def trust_mask(scores: torch.Tensor, selected: torch.Tensor, change_sq: torch.Tensor, budget_sq: float) -> torch.Tensor:
+    """The highest-scoring selected groups whose summed squared changes stay within ``budget_sq``."""
+    order = torch.argsort(torch.where(selected, scores, -torch.inf).flatten(), descending=True)
+    order = order[: int(selected.sum())]
+    fits = torch.cumsum(change_sq.flatten()[order].double(), 0) <= budget_sq
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    mask[order[fits]] = True
+    return mask.view_as(scores)
+
+
+@torch.no_grad()
+def v_step(layer: QuantizedLinear, target: torch.Tensor, tau: float, trust_ratio: float | None = None,
+           current: torch.Tensor | None = None) -> VStepStats:
+    """Re-encode the fraction ``tau`` of ``layer``'s groups where ``target`` is farthest from Ŵ."""
+    before = layer.dequantize().detach().clone() if current is None else current
+    scores = group_sq_norms(target - before, layer.group_shape)
+    mask = top_fraction_mask(scores, tau)
+    if not mask.any():
+        return VStepStats(0, 0, scores.numel(), 0.0, before)
+    saved = _buffers(layer) if trust_ratio is not None else None
+    layer.project_(target, mask)
+    after = layer.dequantize().detach()
+    base_norm = before.float().norm().item()
+    change = (after - before).float()
+    if trust_ratio is not None and change.norm().item() > trust_ratio * base_norm:
+        reduced = trust_mask(scores, mask, group_sq_norms(change, layer.group_shape), (trust_ratio * base_norm) ** 2)
+        _restore(layer, saved)
+        if reduced.any():
+            layer.project_(target, reduced)
+        mask = reduced
+        after = layer.dequantize().detach()
+        change = (after - before).float()
+    changed = int(changed_groups(before, after, layer.group_shape).sum())
+    return VStepStats(int(mask.sum()), changed, scores.numel(), change.norm().item() / max(base_norm, 1e-30), after)

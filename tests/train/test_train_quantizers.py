@@ -1,0 +1,142 @@
+"""SAWB, PACT, GradScale, two-phase rounding and the random Hadamard transform."""
+
+import math
+
+import pytest
+import torch
+
+from nibble.errors import ConfigError
+from nibble.train.formats import int_levels, quantize_int
+from nibble.train.quantizers import (
+    SAWB_COEFFICIENTS, fit_sawb_coefficients, grad_scale, hadamard_matrix, init_pact_alpha, mse_optimal_clip,
+    pact_clip, quantize_activation_pact, quantize_weight_sawb, random_hadamard, random_signs, sawb_clip,
+    two_phase_round,
+)
+
+SAMPLES = {
+    "normal": lambda n: torch.randn(n),
+    "laplace": lambda n: torch.distributions.Laplace(0.0, 1.0).sample((n,)),
+    "uniform": lambda n: torch.rand(n) * 2 - 1,
+}
+
+
+def int4_mse(x: torch.Tensor, alpha: float) -> float:
+    return float((quantize_int(x, alpha / 7, 4) - x).pow(2).mean())
+
+
+# --- SAWB ----------------------------------------------------------------------------------
+
+def test_sawb_table_matches_a_fresh_fit():
+    c1, c2 = fit_sawb_coefficients(4, count=2 ** 14, seed=1)
+    table_c1, table_c2 = SAWB_COEFFICIENTS[4]
+    for ratio in (0.707, 0.798, 0.866):  # E|w| / sqrt(E w²) of Laplace, normal, uniform
+        assert table_c1 - table_c2 * ratio == pytest.approx(c1 - c2 * ratio, rel=0.05)
+
+
+@pytest.mark.parametrize("name,versus_max", [("normal", 0.5), ("laplace", 0.3), ("uniform", 1.0)])
+def test_sawb_clip_is_close_to_mse_optimal(name, versus_max):
+    w = SAMPLES[name](2 ** 16) * 0.02
+    alpha = float(sawb_clip(w, 4))
+    assert int4_mse(w, alpha) <= 1.1 * int4_mse(w, mse_optimal_clip(w, 4))
+    assert int4_mse(w, alpha) <= versus_max * int4_mse(w, float(w.abs().max()))  # vs. scaling by the max
+
+
+def test_sawb_weights_use_fifteen_symmetric_levels():
+    w = torch.randn(64, 64)
+    q = quantize_weight_sawb(w)
+    step = sawb_clip(w) / 7
+    assert torch.isclose(q.unique()[:, None], int_levels(4, True) * step).any(1).all()
+    assert q.unique().numel() <= 15
+    with pytest.raises(ConfigError):
+        sawb_clip(w, bits=6)
+
+
+# --- PACT ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_pact_clip_gradients(signed):
+    x = torch.randn(500, requires_grad=True)
+    alpha = torch.tensor(0.8, requires_grad=True)
+    upstream = torch.randn(500)
+    y = pact_clip(x, alpha, signed)
+    (y * upstream).sum().backward()
+    low = -0.8 if signed else 0.0
+    assert torch.equal(y, x.detach().clamp(low, 0.8))
+    inside = (x > low) & (x < 0.8)
+    assert torch.equal(x.grad, upstream * inside)
+    expected = upstream[x >= 0.8].sum() - (upstream[x <= -0.8].sum() if signed else 0.0)
+    assert alpha.grad == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_pact_quantizer_grid_and_init():
+    x = torch.relu(torch.randn(4000)) * 3
+    alpha = init_pact_alpha(x, 4, signed=False)
+    assert 0 < alpha < float(x.max())
+    clipped = x.clamp(0, alpha)
+    q = quantize_activation_pact(clipped, torch.tensor(alpha), 4, signed=False)
+    assert q.unique().numel() <= 16 and q.min() >= 0 and q.max() <= alpha + 1e-6
+    error = float((q - x).pow(2).mean())
+    full_range = float((quantize_int(x, float(x.max()) / 15, 4, signed=False) - x).pow(2).mean())
+    assert error < full_range
+
+
+# --- GradScale and two-phase rounding ------------------------------------------------------
+
+def test_grad_scale_is_the_power_of_two_above_the_max():
+    for amax in (3.0, 4.0, 1e-7, 123.4):
+        g = torch.tensor([amax, -amax / 3, 0.0])
+        scale = float(grad_scale(g))
+        assert math.log2(scale).is_integer() and 0.5 < amax / scale <= 1.0
+    assert float(grad_scale(torch.zeros(4))) == 1.0
+
+
+def test_two_phase_rounding_lands_on_even_and_odd_exponents():
+    g = torch.randn(20000) * torch.logspace(-3, 0, 20000)  # mostly within the 2^12 range
+    even, odd = two_phase_round(g)
+    scale = grad_scale(g)
+    for copy, parity in ((even, 0), (odd, 1)):
+        nonzero = copy[copy != 0].abs() / scale
+        exponents = torch.log2(nonzero)
+        assert torch.equal(exponents, exponents.round())
+        assert (exponents.long().remainder(2) == parity).all()
+        assert copy.count_nonzero() > 0.75 * g.numel()
+    assert torch.equal(torch.sign(even[even != 0]), torch.sign(g[even != 0]))
+
+
+def test_two_phase_errors_partly_cancel():
+    g = torch.randn(50000)
+    even, odd = two_phase_round(g)
+    mse = lambda q: float((q - g).pow(2).mean())  # noqa: E731
+    assert mse((even + odd) / 2) < 0.8 * min(mse(even), mse(odd))
+
+
+# --- random Hadamard transform -------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 16, 32])
+def test_hadamard_matrix_is_orthonormal(n):
+    h = hadamard_matrix(n)
+    assert torch.allclose(h @ h.T, torch.eye(n), atol=1e-6)
+    assert torch.allclose(h.abs(), torch.full((n, n), n ** -0.5))
+    with pytest.raises(ConfigError):
+        hadamard_matrix(12)
+
+
+@pytest.mark.parametrize("rows", [64, 70])
+def test_random_hadamard_keeps_the_weight_gradient_gemm(rows):
+    g, x = torch.randn(rows, 8).double(), torch.randn(rows, 5).double()
+    signs = random_signs(rows + (-rows) % 16).double()
+    gh = random_hadamard(g, signs, 16, 0)
+    xh = random_hadamard(x, signs, 16, 0)
+    assert gh.shape[0] % 16 == 0
+    assert torch.allclose(gh.T @ xh, g.T @ x)
+    assert not torch.allclose(gh[:rows], g)
+
+
+def test_random_hadamard_along_the_batch_of_conv_tensors():
+    grad, x = torch.randn(32, 4, 6, 6).double(), torch.randn(32, 3, 6, 6).double()
+    signs = random_signs(32).double()
+    weight_grad = lambda a, b: torch.nn.grad.conv2d_weight(b, (4, 3, 3, 3), a, padding=1)  # noqa: E731
+    rotated = weight_grad(random_hadamard(grad, signs, 16, 0), random_hadamard(x, signs, 16, 0))
+    assert torch.allclose(rotated, weight_grad(grad, x))
+    with pytest.raises(ConfigError):
+        random_hadamard(x, signs[:16], 16, 0)

@@ -1,0 +1,68 @@
+"""The tuner on tiny models: what it trains, that tuning lowers held-out KL, both formats, both modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nibble.errors import ConfigError
+from nibble.tune import PVTuner, TeacherOutputs, TuneConfig, trainable_parameters
+
+
+def tune(student, teacher, windows, config: TuneConfig, steps: int):
+    train, held_out = windows[:16], windows[16:]
+    tuner = PVTuner(student, TeacherOutputs(teacher, train), train, config)
+    held_out_teacher = TeacherOutputs(teacher, held_out)
+    before = tuner.evaluate(held_out, held_out_teacher)
+    results = [tuner.train_step([(4 * k + j) % 16 for j in range(4)]) for k in range(steps)]
+    return before, tuner.evaluate(held_out, held_out_teacher), results
+
+
+def test_trainable_parameters_are_scales_norms_and_biases_unless_asked(make_scalar_student, teacher):
+    student = make_scalar_student(teacher)
+    names = set(trainable_parameters(student, TuneConfig()))
+    assert "model.layers.0.self_attn.q_proj.scales" in names and "model.norm.weight" in names
+    assert "model.layers.1.input_layernorm.weight" in names and "model.embed_tokens.weight" not in names
+    assert all(p.requires_grad == (n in names) for n, p in student.named_parameters())
+    names = set(trainable_parameters(student, TuneConfig(train_norms=False, train_non_quantized=True)))
+    assert "model.embed_tokens.weight" in names and "model.norm.weight" not in names
+
+
+@pytest.mark.parametrize("mode", ["pv", "ste"])
+def test_tuning_lowers_held_out_kl_of_a_scalar_student(mode, make_scalar_student, teacher, windows):
+    tau = 0.002 if mode == "pv" else 1.0
+    config = TuneConfig(mode=mode, lr=3e-4, tau=tau, v_lr=0.5 if mode == "pv" else 0.003, batch_size=4)
+    before, after, results = tune(make_scalar_student(teacher), teacher, windows, config, steps=6)
+    assert after["kl"] < 0.9 * before["kl"]
+    assert any(r.changed for r in results)
+    assert all(r.changed <= tau * r.groups for r in results)
+
+
+def test_pv_tuning_lowers_held_out_kl_of_an_aqlm_student(make_aqlm_student, teacher, windows):
+    config = TuneConfig(lr=1e-3, tau=0.05, v_lr=0.5, batch_size=4)
+    before, after, results = tune(make_aqlm_student(teacher), teacher, windows, config, steps=6)
+    assert after["kl"] < 0.9 * before["kl"]
+    assert sum(r.changed for r in results) > 0
+    assert all(r.changed <= 0.05 * r.groups for r in results)
+
+
+def test_p_step_alone_never_touches_codes(make_scalar_student, teacher, windows):
+    student = make_scalar_student(teacher)
+    codes = {n: b.clone() for n, b in student.named_buffers() if n.endswith("qweight")}
+    _, _, results = tune(student, teacher, windows, TuneConfig(tau=0.0, batch_size=4), steps=2)
+    assert all(r.changed == 0 for r in results)
+    assert all(torch.equal(codes[n], b) for n, b in student.named_buffers() if n in codes)
+
+
+@pytest.mark.parametrize("bad", [dict(mode="qat"), dict(tau=1.5), dict(v_start=-1), dict(batch_size=0),
+                                 dict(trust_ratio=0.0)])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ConfigError):
+        TuneConfig(**bad).validate()
+
+
+def test_v_steps_wait_for_v_start_and_respect_the_trust_ratio(make_scalar_student, teacher, windows):
+    config = TuneConfig(lr=1e-4, tau=0.05, v_lr=1.0, v_start=2, trust_ratio=0.05, batch_size=4)
+    _, _, results = tune(make_scalar_student(teacher), teacher, windows, config, steps=4)
+    assert [r.changed for r in results[:2]] == [0, 0] and results[2].changed > 0
+    assert all(r.relative_change <= 0.05 + 1e-7 for r in results)
