@@ -237,7 +237,8 @@ def test_quantize_layer_builds_an_aqlm_linear():
     assert relative_error(weight, h, module.dequantize()) == pytest.approx(stats["rel_error"], rel=1e-4)
     assert stats["rel_error"] < stats["rel_error_init"]
     x = torch.randn(5, 64)
-    assert torch.allclose(module(x), nn.functional.linear(x, module.dequantize(), linear.bias))
+    # small batches run the lookup-table kernel: float32 sums in another order than the dense matmul
+    torch.testing.assert_close(module(x), nn.functional.linear(x, module.dequantize(), linear.bias), rtol=1e-4, atol=1e-4)
     wide = AQLMQuantizer(AQLMConfig.preset("fast", num_codebooks=1, nbits_per_codebook=9, **TINY))
     assert wide.quantize_layer("layer", linear, hessian).codes.dtype == torch.int16
 
