@@ -37,8 +37,12 @@ def last_json(output: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
+THREADS: list[str] = []  # ["--threads", "N"] when --threads is given
+
+
 def nibble(*args: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "nibble.cli", *args, "--json"], capture_output=True, text=True)
+    command = [sys.executable, "-m", "nibble.cli", *THREADS, *args, "--json"]
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"nibble {' '.join(args)} failed:\n{result.stderr[-2000:]}")
     return last_json(result.stdout)
@@ -84,7 +88,10 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["wikitext2", "c4"])
     parser.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     parser.add_argument("--quantize-args", default="", help="extra arguments for nibble quantize")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per nibble call")
     args = parser.parse_args()
+    if args.threads is not None:
+        THREADS[:] = ["--threads", str(args.threads)]
     args.root.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.configs:

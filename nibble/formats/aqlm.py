@@ -130,6 +130,12 @@ class AQLMLinear(QuantizedLinear):
 
         return aqlm_linear(x, self.codes, self.codebooks, self.scales, self.bias)
 
+    def runtime_ckernel(self):
+        """C entry points for the runtime's C++ decode step (None when they do not apply here)."""
+        from nibble.kernels.cpu.ckernel import aqlm_ckernel
+
+        return aqlm_ckernel(self.codes, self.codebooks, self.scales, self.bias)
+
     def format_config(self) -> dict[str, Any]:
         return {
             "format": self.format_name,

@@ -89,6 +89,15 @@ class ScalarQuantLinear(QuantizedLinear):
 
         return scalar_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.bias)
 
+    def runtime_ckernel(self):
+        """C entry points for the runtime's C++ decode step: 8-bit weights only (None otherwise)."""
+        if self.bits != 8:
+            return None
+        from nibble.kernels.cpu.ckernel import scalar8_ckernel
+
+        return scalar8_ckernel(self.qweight, self.scales, self.zero_points(), self.in_features, self.group_size,
+                               self.bias)
+
     def format_config(self) -> dict[str, Any]:
         return {"format": self.format_name, "in_features": self.in_features,
                 "out_features": self.out_features, "bits": self.bits, "group_size": self.group_size,

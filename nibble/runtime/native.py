@@ -47,8 +47,8 @@ def _sources_digest(source_path: Path, headers: tuple[str, ...]) -> bytes:
     return b"\0".join(parts)
 
 
-def _library_path(source_path: Path, source: bytes, cxx: str) -> Path:
-    key = hashlib.sha256(source + " ".join((cxx, *FLAGS, platform.machine(), _cpu_flags())).encode())
+def _library_path(source_path: Path, source: bytes, cxx: str, flags: tuple[str, ...]) -> Path:
+    key = hashlib.sha256(source + " ".join((cxx, *flags, platform.machine(), _cpu_flags())).encode())
     return cache_dir() / f"{source_path.stem}_{key.hexdigest()[:16]}.so"
 
 
@@ -62,19 +62,20 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def build(source_path: Path = SOURCE, headers: tuple[str, ...] = HEADERS) -> Path:
+def build(source_path: Path = SOURCE, headers: tuple[str, ...] = HEADERS, extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile ``source_path`` (with ``headers`` beside it) into a cached shared library; return its path."""
     if not source_path.is_file():
         raise NativeUnavailable(f"{source_path} is missing from the installation")
     source = _sources_digest(source_path, headers)
     cxx = compiler()
-    target = _library_path(source_path, source, cxx)
+    flags = (*FLAGS, *extra_flags)
+    target = _library_path(source_path, source, cxx, flags)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
-        command = [cxx, *FLAGS, f"-I{source_path.parent}", str(source_path), "-o", str(partial)]
+        command = [cxx, *flags, f"-I{source_path.parent}", str(source_path), "-o", str(partial)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise NativeUnavailable(f"compiling {source_path.name} failed: {result.stderr.strip()[-2000:]}")
@@ -91,6 +92,12 @@ def load_library() -> ctypes.CDLL:
     if library.nb_abi_version() != ABI_VERSION:
         raise NativeUnavailable("stale decode library: ABI version mismatch")
     return library
+
+
+@lru_cache(maxsize=None)
+def load_source(source_path: Path, headers: tuple[str, ...] = (), extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Any other plain-C library built like the decode step (e.g. a format's kernel entry points)."""
+    return ctypes.CDLL(str(build(source_path, headers, extra_flags)))
 
 
 def available() -> bool:

@@ -15,41 +15,18 @@
 #include <algorithm>
 #include <atomic>
 
+#include "aqlm_lut.h"
 #include "kernels.h"
 #include "simd.h"
 
 namespace nibble {
 namespace {
 
-constexpr int kCodewords = 256;
 constexpr int64_t kMinLookupsPerThread = 100000;  // about 30 µs of lookups
 
 using Aqlm = AqlmArgs;
 
 // ---- tables -------------------------------------------------------------------------------------
-
-// One column: table k holds <x_j, codebook_m[c]> for c in 0..255, vectorised over c.
-// G > 0 fixes the group size at compile time (the common g = 8), G == 0 reads it from p.
-template <int M, int G>
-void build_tables_1(const Aqlm& p, int64_t block, float* tables) {
-  const int g = G > 0 ? G : p.group_size;
-  for (int k = 0; k < kBlockGroups * M; ++k) {
-    const int64_t j = block * kBlockGroups + k / M;
-    float* t = tables + k * kCodewords;
-    if (j >= p.num_groups) {
-      std::fill(t, t + kCodewords, 0.f);
-      continue;
-    }
-    const float* xj = p.x + j * g;
-    const float* book = p.codebooks_t + int64_t(k % M) * g * kCodewords;
-    for (int c = 0; c < kCodewords; c += 8) {
-      v8f acc = splat8(0.f);
-#pragma GCC unroll 8
-      for (int i = 0; i < g; ++i) acc += splat8(xj[i]) * load8(book + i * kCodewords + c);
-      store8(t + c, acc);
-    }
-  }
-}
 
 // L columns: entry (k, c) is the vector over columns of <x_j[col], codebook_m[c]>.
 template <int M, int L, int G>
@@ -80,33 +57,6 @@ void build_tables_vec(const Aqlm& p, int cols, int64_t block, float* tables, flo
 }
 
 // ---- lookups ------------------------------------------------------------------------------------
-
-// One column: acc[o] += sum_k tables[k][code[o][k]] for rows [r0, r1) of one block. Of every 8
-// code bytes, 4 are cut out of a 32-bit word (ALU work) and 4 are loaded one by one (load-port
-// work): the mix keeps both kinds of ports busy (about 10% faster than either alone on Zen 3).
-template <int M>
-void lookup_1(const float* tables, const uint8_t* codes, int64_t r0, int64_t r1, float* acc) {
-  constexpr int K = kBlockGroups * M;  // code bytes per row and block: a multiple of 8
-  const uint8_t* c = codes + r0 * K;
-  for (int64_t o = r0; o < r1; ++o, c += K) {
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma GCC unroll 4
-    for (int k = 0; k < K; k += 8) {
-      uint32_t word;
-      std::memcpy(&word, c + k, 4);
-      const float* t = tables + k * kCodewords;
-      s[0] += t[word & 0xff];
-      s[1] += t[kCodewords + ((word >> 8) & 0xff)];
-      s[2] += t[2 * kCodewords + ((word >> 16) & 0xff)];
-      s[3] += t[3 * kCodewords + (word >> 24)];
-      s[0] += t[4 * kCodewords + c[k + 4]];
-      s[1] += t[5 * kCodewords + c[k + 5]];
-      s[2] += t[6 * kCodewords + c[k + 6]];
-      s[3] += t[7 * kCodewords + c[k + 7]];
-    }
-    acc[o] += (s[0] + s[1]) + (s[2] + s[3]);
-  }
-}
 
 // L columns: as lookup_1 with vector entries. Rows are walked S tables at a time so that those
 // tables (S * 256 * L floats = 32 KiB) stay in L1.

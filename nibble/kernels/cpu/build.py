@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 SOURCES = ("ops.cpp", "aqlm_lut.cpp", "aqlm_decode.cpp", "scalar_gemv.cpp")
-HEADERS = ("kernels.h", "simd.h")
+HEADERS = ("kernels.h", "simd.h", "aqlm_lut.h")
 # The lookup loops are written for scalar loads; gcc's auto-vectoriser would turn them into slow
 # gathers, so it is off and the vector code is explicit (GCC vector extensions).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-tree-vectorize"]

@@ -1,0 +1,117 @@
+"""nibble's CPU kernels as C entry points for the runtime's C++ decode step (``runtime_abi.cpp``).
+
+Each function describes one layer's tensors in a C struct and returns the ``CKernel`` the decode
+step calls with no Python in between, or None when the kernel does not apply:
+
+- ``aqlm_ckernel``: AQLM Kx8 lookup tables (``nb_aqlm_prepare`` builds the tables of x once per
+  token, ``nb_aqlm_compute`` sums them for a range of output rows on each thread);
+- ``scalar8_ckernel``: 8-bit integer weights with a scale and zero point per group (e.g. an
+  output head quantized for decoding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from ctypes import c_int, c_int64, c_void_p
+from pathlib import Path
+
+import torch
+
+from nibble.kernels.layout import LUT_CODEWORDS, aqlm_blocked_codes, aqlm_float_codebooks
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "runtime_abi.cpp"
+HEADERS = ("aqlm_lut.h", "kernels.h", "simd.h")
+EXTRA_FLAGS = ("-fno-tree-vectorize",)  # as for the torch op: explicit vectors, no gathers
+ROWS_PER_TASK = 64
+
+
+class AqlmArgs(ctypes.Structure):
+    """Mirror of ``nibble::AqlmArgs`` (kernels.h); ctypes applies the C alignment rules."""
+
+    _fields_ = [("x", c_void_p), ("batch", c_int64), ("num_groups", c_int64), ("group_size", c_int),
+                ("num_codebooks", c_int), ("codes", c_void_p), ("num_blocks", c_int64), ("out", c_int64),
+                ("codebook_size", c_int), ("codebooks", c_void_p), ("codebooks_t", c_void_p),
+                ("scales", c_void_p), ("bias", c_void_p), ("y", c_void_p)]
+
+
+class Scalar8Args(ctypes.Structure):
+    """Mirror of ``nibble::Scalar8Args`` (runtime_abi.cpp)."""
+
+    _fields_ = [("q", c_void_p), ("row_bytes", c_int64), ("in_features", c_int64), ("out", c_int64),
+                ("group_size", c_int64), ("scales", c_void_p), ("zeros", c_void_p), ("bias", c_void_p)]
+
+
+def _library():
+    """The entry points' library, or None (with a warning) when it cannot be built here."""
+    from nibble.runtime.native import NativeUnavailable, load_source
+
+    try:
+        library = load_source(SOURCE, HEADERS, EXTRA_FLAGS)
+    except (NativeUnavailable, OSError) as exc:
+        log.warning("C kernels unavailable for the decode step: %s", exc)
+        return None
+    for name in ("nb_aqlm_workspace_per_row", "nb_scalar8_workspace_per_row"):
+        getattr(library, name).argtypes = [c_void_p]
+        getattr(library, name).restype = c_int64
+    return library
+
+
+def _ckernel(library: ctypes.CDLL, prefix: str, args: ctypes.Structure, keep_alive: tuple):
+    from nibble.runtime.linears import CKernel
+
+    workspace = getattr(library, f"{prefix}_workspace_per_row")(ctypes.byref(args))
+    return CKernel(compute=_address(library, f"{prefix}_compute"), context=ctypes.addressof(args),
+                   prepare=_address(library, f"{prefix}_prepare"), workspace_per_row=workspace,
+                   chunk=ROWS_PER_TASK, keep_alive=(args, *keep_alive))
+
+
+def _float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().float().contiguous()
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _address(library: ctypes.CDLL, name: str) -> int:
+    return ctypes.cast(getattr(library, name), c_void_p).value
+
+
+def aqlm_ckernel(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+    """The ``CKernel`` of one AQLM layer; None off the CPU, beyond 256 codewords or 4 codebooks, or
+    without a C++ compiler."""
+    out_features, num_groups, num_codebooks = codes.shape
+    if codes.device.type != "cpu" or codebooks.shape[1] > LUT_CODEWORDS or not 1 <= num_codebooks <= 4:
+        return None
+    library = _library()
+    if library is None:
+        return None
+    with torch.no_grad():
+        blocked = aqlm_blocked_codes(codes)
+        books, books_t = aqlm_float_codebooks(codebooks)
+        scales32, bias32 = _float32(scales), _float32(bias)
+    args = AqlmArgs(None, 0, num_groups, codebooks.shape[2], num_codebooks, blocked.data_ptr(), blocked.shape[0],
+                    out_features, LUT_CODEWORDS, books.data_ptr(), books_t.data_ptr(), scales32.data_ptr(),
+                    _pointer(bias32), None)
+    return _ckernel(library, "nb_aqlm", args, (blocked, books, books_t, scales32, bias32))
+
+
+def scalar8_ckernel(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
+                    group_size: int, bias: torch.Tensor | None = None):
+    """The ``CKernel`` of an 8-bit scalar layer: ``qweight`` [out, words] int32 holding the bytes
+    q[o, i] in order, ``scales`` and float ``zeros`` [out, in/group_size]; None off the CPU, for
+    groups that are not a multiple of 8, or without a C++ compiler."""
+    if qweight.device.type != "cpu" or group_size % 8 or in_features % group_size:
+        return None
+    library = _library()
+    if library is None:
+        return None
+    q = qweight.contiguous()
+    scales32, zeros32, bias32 = _float32(scales), _float32(zeros), _float32(bias)
+    args = Scalar8Args(q.data_ptr(), q.shape[1] * 4, in_features, q.shape[0], group_size, scales32.data_ptr(),
+                       zeros32.data_ptr(), _pointer(bias32))
+    return _ckernel(library, "nb_scalar8", args, (q, scales32, zeros32, bias32))

@@ -1,0 +1,110 @@
+"""The AQLM C entry points of the decode runtime (``nibble.kernels.cpu.ckernel``) against the reference."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from runtime.runtime_models import hf_logits, make_llama
+from torch import nn
+
+from nibble.formats.aqlm import AQLMLinear
+from nibble.kernels import aqlm_linear, use_backend
+from nibble.kernels.cpu.ckernel import aqlm_ckernel
+from nibble.runtime import build_runtime, native
+from nibble.runtime.linears import prepare_linear
+
+CONFIGS = [(1, 8), (2, 8), (3, 8), (4, 8), (2, 6)]  # (codebooks, bits per codebook)
+SHAPES = [(13, 40), (64, 64), (300, 576)]  # (out, in); 40 and 576 are not whole blocks of 8 groups
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    if not native.available():
+        pytest.skip("no C++ compiler for the decode runtime")
+
+
+def call_kernel(kernel, x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """prepare once, then compute over ranges of ``kernel.chunk`` rows, as the decode step does."""
+    prepare = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_void_p)(kernel.prepare)
+    compute = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 2, ctypes.c_int64, *[ctypes.c_void_p] * 2,
+                               *[ctypes.c_int64] * 4)(kernel.compute)
+    rows = x.shape[0]
+    workspace = torch.zeros(kernel.workspace_per_row * rows)
+    y = torch.full((rows, out_features), float("nan"))
+    prepare(kernel.context, x.data_ptr(), x.stride(0), rows, workspace.data_ptr())
+    for begin in range(0, out_features, kernel.chunk):
+        end = min(out_features, begin + kernel.chunk)
+        compute(kernel.context, x.data_ptr(), x.stride(0), workspace.data_ptr(), y.data_ptr(), y.stride(0), rows,
+                begin, end)
+    return y
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0]}x{c[1]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_c_entry_points_match_reference(compiler, data, config, shape, rows):
+    layer = data.make_aqlm(*shape, *config, bias=rows == 3)
+    kernel = aqlm_ckernel(*layer)
+    x = torch.randn(rows, shape[1])
+    with use_backend("reference"):
+        expected = aqlm_linear(x, *layer)
+    data.assert_close(call_kernel(kernel, x, shape[0]), expected, torch.float32)
+
+
+def test_wide_codebooks_have_no_c_entry_points(compiler, data):
+    assert aqlm_ckernel(*data.make_aqlm(16, 64, 1, 16)) is None
+
+
+def random_aqlm(linear: nn.Linear, num_codebooks: int, seed: int) -> AQLMLinear:
+    gen = torch.Generator().manual_seed(seed)
+    groups = linear.in_features // 8
+    codes = torch.randint(0, 256, (linear.out_features, groups, num_codebooks), generator=gen).to(torch.uint8)
+    codebooks = torch.randn(num_codebooks, 256, 8, generator=gen) * 0.05
+    scales = torch.rand(linear.out_features, generator=gen) + 0.5
+    bias = None if linear.bias is None else linear.bias.detach()
+    return AQLMLinear(linear.in_features, linear.out_features, num_codebooks, 8, 8, bias, codes, codebooks, scales)
+
+
+@pytest.mark.parametrize("variant", ["gqa-tied", "mha-bias-untied"])
+def test_cpp_decode_step_with_aqlm_layers_matches_the_model(compiler, variant):
+    model = make_llama(variant)
+    for index, (name, module) in enumerate(list(model.model.named_modules())):
+        if type(module) is nn.Linear:
+            parent, _, child = name.rpartition(".")
+            setattr(model.model.get_submodule(parent), child, random_aqlm(module, 1 + index % 3, index))
+    assert prepare_linear(model.model.layers[0].mlp.down_proj).ckernel is not None
+    tokens = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))
+    reference = hf_logits(model, tokens)
+    runtime = build_runtime(model, max_len=8, batch_size=2, backend="cpp")
+    runtime.start()
+    runtime.feed(tokens[:, :5])
+    torch.testing.assert_close(runtime.feed(tokens[:, 5]), reference[:, 5], atol=1e-4, rtol=0)
+
+
+def random_scalar8(out_features: int, in_features: int, group_size: int, symmetric: bool, bias: bool):
+    from nibble.quantize.rtn import RTNConfig, RTNQuantizer
+
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    config = RTNConfig(bits=8, group_size=group_size, symmetric=symmetric)
+    return RTNQuantizer(config).quantize_layer("layer", linear, None)
+
+
+@pytest.mark.parametrize("group_size", [8, 64, -1])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_scalar8_entry_points_match_the_dequantized_weight(compiler, data, group_size, symmetric, rows):
+    layer = random_scalar8(200, 192, group_size, symmetric, bias=rows == 3)
+    x = torch.randn(rows, 192)
+    expected = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
+    data.assert_close(call_kernel(layer.runtime_ckernel(), x, 200), expected, torch.float32)
+
+
+def test_scalar8_entry_points_need_groups_of_eight_and_eight_bits(compiler):
+    from nibble.quantize.rtn import RTNConfig, RTNQuantizer
+
+    assert random_scalar8(16, 36, 12, False, False).runtime_ckernel() is None  # groups of 12
+    four_bit = RTNQuantizer(RTNConfig(bits=4, group_size=32)).quantize_layer("l", nn.Linear(64, 8), None)
+    assert four_bit.runtime_ckernel() is None
