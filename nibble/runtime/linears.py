@@ -32,8 +32,10 @@ class CKernel:
     int64_t out_end)`` filling ``y[r, o]`` for ``out_begin <= o < out_end``; it is called from
     several threads at once on disjoint ranges of ``chunk`` rows, so it must not start threads.
     ``prepare`` (optional): address of ``void prepare(void* ctx, const float* x, int64_t x_stride,
-    int64_t rows, float* workspace)``, run once per call before ``compute`` (e.g. lookup tables of
-    ``x``); ``workspace_per_row`` floats per input row are provided. Strides count floats.
+    int64_t rows, float* workspace, int64_t part, int64_t parts)``, run before ``compute`` (e.g.
+    lookup tables of ``x``) as ``prepare_parts`` concurrent calls, ``part`` = 0 .. parts-1, each
+    filling its own share of the workspace; ``workspace_per_row`` floats per input row are
+    provided. Strides count floats.
     ``keep_alive`` is held as long as the runtime (whatever ``context`` points into).
     """
 
@@ -43,6 +45,7 @@ class CKernel:
     workspace_per_row: int = 0
     chunk: int = 64
     keep_alive: Any = None
+    prepare_parts: int = 1
 
 
 @dataclass

@@ -25,7 +25,7 @@ COMPUTE_FN = ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_int64, c_void_p, c_voi
 class NbLinear(ctypes.Structure):
     _fields_ = [("in_features", c_int64), ("out_features", c_int64), ("weight", c_void_p), ("bias", c_void_p),
                 ("prepare", c_void_p), ("compute", c_void_p), ("ctx", c_void_p), ("workspace", c_void_p),
-                ("chunk", c_int64)]
+                ("chunk", c_int64), ("prepare_parts", c_int64)]
 
 
 class NbLayer(ctypes.Structure):
@@ -131,12 +131,12 @@ class LlamaNativeStep:
             workspace = torch.zeros(max(1, kernel.workspace_per_row * x.shape[0]), dtype=torch.float32)
             self.keep += [kernel.keep_alive, workspace]
             return NbLinear(x.shape[1], linear.out_features, None, None, kernel.prepare, kernel.compute,
-                            kernel.context, workspace.data_ptr(), kernel.chunk)
+                            kernel.context, workspace.data_ptr(), kernel.chunk, kernel.prepare_parts)
         callback = COMPUTE_FN(self._python_linear(linear, x, y))
         self.keep.append(callback)
         address = ctypes.cast(callback, c_void_p).value
         return NbLinear(x.shape[1], linear.out_features, None, None, None, address, None, None,
-                        linear.out_features)  # one chunk: runs on the calling thread, under the GIL
+                        linear.out_features, 1)  # one chunk: runs on the calling thread, under the GIL
 
     def _python_linear(self, linear: PreparedLinear, x: torch.Tensor, y: torch.Tensor):
         def call(_ctx, _x, _x_stride, _workspace, _y, _y_stride, _rows, _begin, _end) -> None:

@@ -26,15 +26,16 @@ def compiler():
 
 
 def call_kernel(kernel, x: torch.Tensor, out_features: int) -> torch.Tensor:
-    """prepare once, then compute over ranges of ``kernel.chunk`` rows, as the decode step does."""
+    """prepare in its parts, then compute over ranges of ``kernel.chunk`` rows, as the decode step does."""
     prepare = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                               ctypes.c_void_p)(kernel.prepare)
+                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(kernel.prepare)
     compute = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 2, ctypes.c_int64, *[ctypes.c_void_p] * 2,
                                *[ctypes.c_int64] * 4)(kernel.compute)
     rows = x.shape[0]
     workspace = torch.zeros(kernel.workspace_per_row * rows)
     y = torch.full((rows, out_features), float("nan"))
-    prepare(kernel.context, x.data_ptr(), x.stride(0), rows, workspace.data_ptr())
+    for part in range(kernel.prepare_parts):
+        prepare(kernel.context, x.data_ptr(), x.stride(0), rows, workspace.data_ptr(), part, kernel.prepare_parts)
     for begin in range(0, out_features, kernel.chunk):
         end = min(out_features, begin + kernel.chunk)
         compute(kernel.context, x.data_ptr(), x.stride(0), workspace.data_ptr(), y.data_ptr(), y.stride(0), rows,

@@ -128,11 +128,14 @@ struct Dense { const float* weight; int64_t in; };
 static int64_t prepared = 0;
 extern "C" int64_t prepare_calls() { return prepared; }
 // workspace = 2 * x: checks that prepare runs first and the workspace reaches compute
-extern "C" void prepare(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace) {
-    ++prepared;
+// in two parts (inputs split in halves), as the runtime calls it with prepare_parts = 2
+extern "C" void prepare(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace,
+                        int64_t part, int64_t parts) {
+    if (part == 0) ++prepared;
     const int64_t in = static_cast<Dense*>(ctx)->in;
     for (int64_t r = 0; r < rows; ++r)
-        for (int64_t i = 0; i < in; ++i) workspace[r * in + i] = 2.0f * x[r * x_stride + i];
+        for (int64_t i = in * part / parts; i < in * (part + 1) / parts; ++i)
+            workspace[r * in + i] = 2.0f * x[r * x_stride + i];
 }
 extern "C" void compute(void* ctx, const float* x, int64_t x_stride, const float* workspace, float* y,
                         int64_t y_stride, int64_t rows, int64_t begin, int64_t end) {
@@ -173,7 +176,7 @@ class CKernelLinear(nn.Module):
         address = lambda name: ctypes.cast(getattr(self.library, name), ctypes.c_void_p).value  # noqa: E731
         return CKernel(compute=address("compute"), context=ctypes.addressof(self.context),
                        prepare=address("prepare"), workspace_per_row=self.in_features, chunk=16,
-                       keep_alive=self)
+                       keep_alive=self, prepare_parts=2)
 
 
 def test_c_kernels_are_called_from_the_cpp_step(tmp_path, monkeypatch):

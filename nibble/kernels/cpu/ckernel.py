@@ -26,6 +26,7 @@ SOURCE = Path(__file__).resolve().parent / "runtime_abi.cpp"
 HEADERS = ("aqlm_lut.h", "kernels.h", "simd.h")
 EXTRA_FLAGS = ("-fno-tree-vectorize",)  # as for the torch op: explicit vectors, no gathers
 ROWS_PER_TASK = 64
+MAX_PREPARE_PARTS = 8  # the AQLM tables of a layer are built in up to this many concurrent parts
 
 
 class AqlmArgs(ctypes.Structure):
@@ -59,13 +60,13 @@ def _library():
     return library
 
 
-def _ckernel(library: ctypes.CDLL, prefix: str, args: ctypes.Structure, keep_alive: tuple):
+def _ckernel(library: ctypes.CDLL, prefix: str, args: ctypes.Structure, keep_alive: tuple, prepare_parts: int = 1):
     from nibble.runtime.linears import CKernel
 
     workspace = getattr(library, f"{prefix}_workspace_per_row")(ctypes.byref(args))
     return CKernel(compute=_address(library, f"{prefix}_compute"), context=ctypes.addressof(args),
                    prepare=_address(library, f"{prefix}_prepare"), workspace_per_row=workspace,
-                   chunk=ROWS_PER_TASK, keep_alive=(args, *keep_alive))
+                   chunk=ROWS_PER_TASK, keep_alive=(args, *keep_alive), prepare_parts=prepare_parts)
 
 
 def _float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -97,7 +98,8 @@ def aqlm_ckernel(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Ten
     args = AqlmArgs(None, 0, num_groups, codebooks.shape[2], num_codebooks, blocked.data_ptr(), blocked.shape[0],
                     out_features, LUT_CODEWORDS, books.data_ptr(), books_t.data_ptr(), scales32.data_ptr(),
                     _pointer(bias32), None)
-    return _ckernel(library, "nb_aqlm", args, (blocked, books, books_t, scales32, bias32))
+    parts = min(blocked.shape[0], MAX_PREPARE_PARTS)
+    return _ckernel(library, "nb_aqlm", args, (blocked, books, books_t, scales32, bias32), parts)
 
 
 def scalar8_ckernel(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,

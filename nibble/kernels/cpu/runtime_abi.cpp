@@ -1,6 +1,7 @@
-// C entry points of nibble's CPU kernels for the C++ decode step (nibble/runtime): `prepare` runs
-// once per call on the calling thread, then `compute` runs on several threads at once, each on its
-// own range of output rows. Built by nibble.runtime.native, without torch.
+// C entry points of nibble's CPU kernels for the C++ decode step (nibble/runtime): per call,
+// `prepare` runs as `parts` concurrent calls (each `part` fills its share of the workspace), then
+// `compute` runs on several threads at once, each on its own range of output rows. Built by
+// nibble.runtime.native, without torch.
 //
 // AQLM Kx8 (nb_aqlm_*): `prepare` builds every lookup table of each input row; `ctx` is an
 // AqlmArgs (kernels.h) whose x, batch and y fields are unused.
@@ -17,14 +18,17 @@ namespace {
 
 int64_t table_floats(const AqlmArgs& p) { return p.num_blocks * kBlockGroups * p.num_codebooks * kCodewords; }
 
+// Part `part` of `parts` builds the tables of its share of the code blocks, for every row.
 template <int M, int G>
-void prepare_rows(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t rows, float* workspace) {
+void prepare_rows(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t rows, float* workspace,
+                  int64_t part, int64_t parts) {
   constexpr int K = kBlockGroups * M;
   const int64_t per_row = table_floats(p);
+  const int64_t first = p.num_blocks * part / parts, last = p.num_blocks * (part + 1) / parts;
   for (int64_t r = 0; r < rows; ++r) {
     AqlmArgs row = p;
     row.x = x + r * x_stride;
-    for (int64_t block = 0; block < p.num_blocks; ++block)
+    for (int64_t block = first; block < last; ++block)
       build_tables_1<M, G>(row, block, workspace + r * per_row + block * K * kCodewords);
   }
 }
@@ -49,11 +53,12 @@ void compute_rows(const AqlmArgs& p, const float* workspace, float* y, int64_t y
 }
 
 template <int M>
-void prepare_dispatch(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t rows, float* workspace) {
+void prepare_dispatch(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t rows, float* workspace,
+                      int64_t part, int64_t parts) {
   if (p.group_size == 8)
-    prepare_rows<M, 8>(p, x, x_stride, rows, workspace);
+    prepare_rows<M, 8>(p, x, x_stride, rows, workspace, part, parts);
   else
-    prepare_rows<M, 0>(p, x, x_stride, rows, workspace);
+    prepare_rows<M, 0>(p, x, x_stride, rows, workspace, part, parts);
 }
 
 typedef uint8_t v8u8 __attribute__((vector_size(8)));
@@ -97,13 +102,14 @@ int64_t nb_aqlm_workspace_per_row(const void* ctx) {
   return nibble::table_floats(*static_cast<const nibble::AqlmArgs*>(ctx));
 }
 
-void nb_aqlm_prepare(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace) {
+void nb_aqlm_prepare(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace, int64_t part,
+                     int64_t parts) {
   const auto& p = *static_cast<const nibble::AqlmArgs*>(ctx);
   switch (p.num_codebooks) {
-    case 1: return nibble::prepare_dispatch<1>(p, x, x_stride, rows, workspace);
-    case 2: return nibble::prepare_dispatch<2>(p, x, x_stride, rows, workspace);
-    case 3: return nibble::prepare_dispatch<3>(p, x, x_stride, rows, workspace);
-    case 4: return nibble::prepare_dispatch<4>(p, x, x_stride, rows, workspace);
+    case 1: return nibble::prepare_dispatch<1>(p, x, x_stride, rows, workspace, part, parts);
+    case 2: return nibble::prepare_dispatch<2>(p, x, x_stride, rows, workspace, part, parts);
+    case 3: return nibble::prepare_dispatch<3>(p, x, x_stride, rows, workspace, part, parts);
+    case 4: return nibble::prepare_dispatch<4>(p, x, x_stride, rows, workspace, part, parts);
   }
 }
 
@@ -124,11 +130,12 @@ int64_t nb_scalar8_workspace_per_row(const void* ctx) {
   return p.in / p.group_size;
 }
 
-void nb_scalar8_prepare(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace) {
+void nb_scalar8_prepare(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace, int64_t part,
+                        int64_t parts) {
   const auto& p = *static_cast<const nibble::Scalar8Args*>(ctx);
   const int64_t groups = p.in / p.group_size;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t g = groups * part / parts; g < groups * (part + 1) / parts; ++g) {
       const float* xg = x + r * x_stride + g * p.group_size;
       float total = 0.f;
       for (int64_t i = 0; i < p.group_size; ++i) total += xg[i];

@@ -17,10 +17,12 @@
 
 extern "C" {
 
-// A non-dense linear (quantized format, Python callback). Per call, `prepare` (optional) runs once
-// on the calling thread, then `compute` fills y[r, o] for r < rows and out_begin <= o < out_end;
-// compute runs concurrently on disjoint output ranges of `chunk` rows. Strides are in floats.
-typedef void (*nb_prepare_fn)(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace);
+// A non-dense linear (quantized format, Python callback). Per call, `prepare` (optional) runs first,
+// as `prepare_parts` concurrent calls (part = 0 .. parts-1, each doing its share of the workspace),
+// then `compute` fills y[r, o] for r < rows and out_begin <= o < out_end; compute runs
+// concurrently on disjoint output ranges of `chunk` rows. Strides are in floats.
+typedef void (*nb_prepare_fn)(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace,
+                              int64_t part, int64_t parts);
 typedef void (*nb_compute_fn)(void* ctx, const float* x, int64_t x_stride, const float* workspace, float* y,
                               int64_t y_stride, int64_t rows, int64_t out_begin, int64_t out_end);
 
@@ -33,6 +35,7 @@ struct NbLinear {
     void* ctx;
     float* workspace;  // for prepare/compute, owned by Python
     int64_t chunk;     // output rows per task
+    int64_t prepare_parts;  // concurrent prepare calls (at least 1)
 };
 
 struct NbLayer {
@@ -123,9 +126,13 @@ void run_linear(const NbModel& m, const NbLinear& lin, const float* x, int64_t x
         dense_linear(lin, x, x_stride, y, y_stride, m.batch, pool_for(m.threads));
         return;
     }
-    if (lin.prepare) lin.prepare(lin.ctx, x, x_stride, m.batch, lin.workspace);
+    nibble::WorkPool& pool = pool_for(m.threads);
+    const int64_t parts = std::max<int64_t>(lin.prepare_parts, 1);
+    if (lin.prepare && parts == 1) lin.prepare(lin.ctx, x, x_stride, m.batch, lin.workspace, 0, 1);
+    if (lin.prepare && parts > 1)
+        pool.run(parts, [&](int64_t part) { lin.prepare(lin.ctx, x, x_stride, m.batch, lin.workspace, part, parts); });
     const int64_t out = lin.out_features, chunk = std::max<int64_t>(lin.chunk, 1);
-    pool_for(m.threads).run((out + chunk - 1) / chunk, [&](int64_t task) {
+    pool.run((out + chunk - 1) / chunk, [&](int64_t task) {
         lin.compute(lin.ctx, x, x_stride, lin.workspace, y, y_stride, m.batch, task * chunk,
                     std::min(out, (task + 1) * chunk));
     });
@@ -248,7 +255,7 @@ void mlp_block(const NbModel& m, int64_t index) {
 
 extern "C" {
 
-int64_t nb_abi_version() { return 2; }
+int64_t nb_abi_version() { return 3; }
 
 // Embed `tokens` (or use m.x as given when tokens is null), run every layer for one position per row,
 // write k/v at cache `slot`, and leave logits [batch, vocab] in m.logits.
