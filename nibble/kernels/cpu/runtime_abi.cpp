@@ -11,6 +11,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "aqlm_lut.h"
 
 namespace nibble {
@@ -61,12 +65,19 @@ void prepare_dispatch(const AqlmArgs& p, const float* x, int64_t x_stride, int64
     prepare_rows<M, 0>(p, x, x_stride, rows, workspace, part, parts);
 }
 
-typedef uint8_t v8u8 __attribute__((vector_size(8)));
-
+// 8 bytes widened to 8 floats (one vpmovzxbd + vcvtdq2ps on AVX2; gcc scalarises the generic form).
 inline v8f load8_u8(const uint8_t* p) {
+#if defined(__AVX2__)
+  const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  v8f v;
+  std::memcpy(&v, &f, sizeof v);
+  return v;
+#else
+  typedef uint8_t v8u8 __attribute__((vector_size(8)));
   v8u8 q;
   std::memcpy(&q, p, sizeof q);
   return __builtin_convertvector(q, v8f);
+#endif
 }
 
 // sum_i q[i] * x[i] over n inputs, n a multiple of 8.
