@@ -1,6 +1,7 @@
 """Scalar (RTN/GPTQ-style) integer format: packed b-bit codes with per-group scales and zeros.
 
-Tensors of one layer (``n_groups = in_features / group_size``):
+Tensors of one layer (``n_groups = ceil(in_features / group_size)``; when ``group_size`` does not
+divide ``in_features`` the last group is shorter):
 
 - ``qweight`` int32 [out, padded_in * bits / 32]: codes packed by ``formats.packing``
   (the input dimension zero-padded up to a multiple of 32);
@@ -38,10 +39,8 @@ class ScalarQuantLinear(QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         if group_size <= 0:
             group_size = in_features
-        if in_features % group_size:
-            raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        n_groups = in_features // group_size
+        n_groups = -(-in_features // group_size)  # the last group may be shorter
         words = padded_length(in_features) * bits // WORD_BITS
         self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32))
         self.scales = nn.Parameter(torch.ones(out_features, n_groups), requires_grad=False)
@@ -122,8 +121,10 @@ class ScalarQuantLinear(QuantizedLinear):
 
     def project_(self, weight: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         """Round ``weight`` to this layer's grid (scales and zeros fixed), only where ``groups``."""
-        group_scale = self.scales.float().repeat_interleave(self.group_size, dim=1)
-        group_zero = self.zero_points().repeat_interleave(self.group_size, dim=1)
+        from nibble.kernels.reference import expand_groups
+
+        group_scale = expand_groups(self.scales.float(), self.group_size, self.in_features)
+        group_zero = expand_groups(self.zero_points(), self.group_size, self.in_features)
         rounded = torch.clamp(torch.round(weight.float() / group_scale + group_zero), 0, 2**self.bits - 1).to(torch.int64)
         current = self.integers()
         self.set_integers(rounded if groups is None else torch.where(groups, rounded, current))

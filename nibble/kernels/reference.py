@@ -45,12 +45,18 @@ def unpack_rows(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     return values.flatten(-2)[..., :length]
 
 
+def expand_groups(per_group: torch.Tensor, group_size: int, length: int) -> torch.Tensor:
+    """Per-group values [out, n_groups] repeated over their columns: [out, length] (the last group
+    may be shorter than ``group_size``)."""
+    return per_group.repeat_interleave(group_size, dim=1)[:, :length]
+
+
 def scalar_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                       group_size: int, in_features: int) -> torch.Tensor:
     """Dense weight [out, in] (float32): w = s·(q − z) per group of ``group_size`` columns."""
-    q = unpack_rows(packed, bits, in_features).float().unflatten(1, (-1, group_size))
-    weight = scales.float()[..., None] * (q - scalar_zeros(zeros, scales, bits)[..., None])
-    return weight.flatten(1)
+    q = unpack_rows(packed, bits, in_features).float()
+    scale = expand_groups(scales.float(), group_size, in_features)
+    return scale * (q - expand_groups(scalar_zeros(zeros, scales, bits), group_size, in_features))
 
 
 def scalar_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

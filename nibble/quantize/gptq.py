@@ -67,7 +67,7 @@ class GPTQQuantizer(RTNQuantizer):
 
         order = torch.argsort(hessian.diagonal(), descending=True) if cfg.act_order else torch.arange(columns)
         static = grid_per_group(weight, cfg.bits, group_size, cfg.symmetric) if cfg.act_order else None
-        scales = torch.zeros(weight.shape[0], columns // group_size)
+        scales = torch.zeros(weight.shape[0], -(-columns // group_size))
         zeros = torch.zeros_like(scales)
 
         w = weight[:, order]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nibble.errors import ConfigError
 from nibble.formats.scalar import ScalarQuantLinear
+from nibble.kernels.reference import expand_groups
 from nibble.quantize.base import LayerQuantizer, QuantConfig, register_method
 from nibble.quantize.grid import fit_grid, quantize_to_grid
 
@@ -31,16 +33,14 @@ class RTNConfig(QuantConfig):
             raise ConfigError(f"{self.method}: group size must be positive or -1, got {self.group_size}")
 
     def layer_group_size(self, in_features: int) -> int:
-        """The group size for a layer; raises ``ConfigError`` when it does not divide the layer."""
-        size = in_features if self.group_size == -1 else self.group_size
-        if in_features % size:
-            raise ConfigError(f"{self.method}: group size {size} does not divide layer width {in_features}")
-        return size
+        """The group size for a layer (at most its width; a last group may be shorter)."""
+        return in_features if self.group_size == -1 else min(self.group_size, in_features)
 
 
 def grid_per_group(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     """(scales, zeros) [out, n_groups] fitted independently to each group of ``weight``."""
-    groups = weight.unflatten(1, (-1, group_size))  # [out, n_groups, g]
+    padding = -weight.shape[1] % group_size  # zeros do not move a grid that always spans 0
+    groups = F.pad(weight, (0, padding)).unflatten(1, (-1, group_size))  # [out, n_groups, g]
     scale, zero = fit_grid(groups.flatten(0, 1), bits, symmetric)
     return scale.view(groups.shape[:2]), zero.view(groups.shape[:2])
 
@@ -56,8 +56,8 @@ class RTNQuantizer(LayerQuantizer):
         weight = linear.weight.detach().float()
         group_size = cfg.layer_group_size(weight.shape[1])
         scales, zeros = grid_per_group(weight, cfg.bits, group_size, cfg.symmetric)
-        flat_scale = scales.repeat_interleave(group_size, dim=1).flatten()
-        flat_zero = zeros.repeat_interleave(group_size, dim=1).flatten()
+        flat_scale = expand_groups(scales, group_size, weight.shape[1]).flatten()
+        flat_zero = expand_groups(zeros, group_size, weight.shape[1]).flatten()
         q = quantize_to_grid(weight.flatten()[:, None], flat_scale, flat_zero, cfg.bits).view_as(weight)
         return ScalarQuantLinear.from_integers(q, scales, zeros, cfg.bits, group_size, cfg.symmetric,
                                                linear.bias)

@@ -9,7 +9,7 @@ TOLERANCE = {2: 0.35, 3: 0.15, 4: 0.07, 8: 0.005}  # relative weight error of RT
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("shape,group", [((16, 64), 32), ((8, 96), -1), ((5, 40), 8)])
+@pytest.mark.parametrize("shape,group", [((16, 64), 32), ((8, 96), -1), ((5, 40), 8), ((6, 80), 32)])  # 80: last group 16
 def test_rtn_layer_matches_its_grid(bits, symmetric, shape, group):
     torch.manual_seed(0)
     linear = torch.nn.Linear(shape[1], shape[0])
@@ -55,3 +55,9 @@ def test_project_rounds_only_selected_weights_onto_the_grid():
         torch.arange(16.0) - layer.zero_points().repeat_interleave(32, 1)[..., None])
     nearest = candidates.gather(-1, (candidates - target[..., None]).abs().argmin(-1, keepdim=True))[..., 0]
     torch.testing.assert_close(grid[mask], nearest[mask])
+
+
+def test_ragged_last_group_counts_its_own_scale_and_zero():
+    layer = ScalarQuantLinear(80, 8, bits=4, group_size=32, symmetric=False)  # groups of 32, 32, 16
+    assert layer.scales.shape == (8, 3)
+    assert layer.storage_bits() == {"codes": 8 * 96 * 4, "scales": 8 * 3 * 16, "zeros": 8 * 3 * 8}

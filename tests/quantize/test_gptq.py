@@ -53,6 +53,23 @@ def test_invalid_configs_are_refused(kwargs):
         GPTQConfig(**kwargs).validate()
 
 
-def test_group_size_must_divide_layer_width():
-    with pytest.raises(ConfigError, match="does not divide"):
-        RTNQuantizer(RTNConfig(4, 48)).quantize_layer("l", torch.nn.Linear(64, 8), None)
+def test_a_group_size_that_does_not_divide_the_width_leaves_a_shorter_last_group():
+    """SmolLM2's 576-wide layers with groups of 128: four full groups and one of 64 columns."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 16)
+    x = correlated_inputs(1024, 576)
+    hessian = (x.T.double() @ x.double()) / x.shape[0]
+    rtn = RTNQuantizer(RTNConfig(4, 128)).quantize_layer("l", linear, None)
+    assert rtn.scales.shape == (16, 5)
+    # the last group's grid is fitted to its own 64 columns: RTN error there is at most half a step
+    tail = (rtn.dequantize()[:, 512:] - linear.weight[:, 512:]).abs()
+    assert (tail <= rtn.scales[:, 4:5] / 2 + 1e-6).all()
+    for act_order in (False, True):
+        gptq = GPTQQuantizer(GPTQConfig(4, 128, act_order=act_order)).quantize_layer("l", linear, hessian)
+        assert gptq.scales.shape == (16, 5)
+        assert output_error(gptq, linear, x) < 0.9 * output_error(rtn, linear, x)
+
+
+def test_a_group_larger_than_the_layer_is_one_group_per_row():
+    rtn = RTNQuantizer(RTNConfig(4, 128)).quantize_layer("l", torch.nn.Linear(64, 8), None)
+    assert rtn.group_size == 64 and rtn.scales.shape == (8, 1)
