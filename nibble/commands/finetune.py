@@ -27,10 +27,12 @@ def add_parser(subparsers) -> None:
     tune.add_argument("--batch-size", type=int, default=8, help="windows per step, all processes together")
     tune.add_argument("--microbatch-size", type=int, default=1, help="windows per forward pass")
     tune.add_argument("--lr", type=float, default=1e-4, help="P step (Adam) learning rate")
-    tune.add_argument("--v-lr", type=float, default=0.3, help="V step size in units of each layer's weight RMS")
+    tune.add_argument("--v-lr", type=float, default=0.05,
+                      help="V step size in units of each layer's weight RMS (default 0.05)")
     tune.add_argument("--tau", type=float, default=None,
                       help="fraction of weight groups re-encoded per V step (default 0.01; ste: 1)")
-    tune.add_argument("--trust-ratio", type=float, default=None, help="cap on ‖ΔW‖/‖W‖ per V step and layer")
+    tune.add_argument("--trust-ratio", type=float, default=0.01,
+                      help="cap on ‖ΔW‖/‖W‖ per V step and layer (default 0.01; 0 = no cap)")
     tune.add_argument("--v-every", type=int, default=1, help="take a V step every N steps")
     tune.add_argument("--v-start", type=int, default=0,
                       help="first step with a V step (V-step Adam moments accumulate from step 0)")
@@ -54,7 +56,7 @@ def build_config(args):
 
     return TuneConfig(mode=args.mode, steps=args.steps, batch_size=args.batch_size,
                       microbatch_size=args.microbatch_size, lr=args.lr, v_lr=args.v_lr, tau=args.tau,
-                      trust_ratio=args.trust_ratio, v_every=args.v_every, v_start=args.v_start,
+                      trust_ratio=args.trust_ratio or None, v_every=args.v_every, v_start=args.v_start,
                       lamb=args.lamb, train_non_quantized=args.train_non_quantized,
                       train_norms=not args.freeze_norms, checkpointing=not args.no_checkpointing,
                       seed=args.seed).validate()

@@ -29,9 +29,9 @@ class TuneConfig:
     batch_size: int = 8
     microbatch_size: int = 1
     lr: float = 1e-4
-    v_lr: float = 0.3
+    v_lr: float = 0.05
     tau: float | None = None
-    trust_ratio: float | None = None
+    trust_ratio: float | None = 0.01
     v_every: int = 1
     v_start: int = 0
     v_betas: tuple[float, float] = (0.9, 0.95)
