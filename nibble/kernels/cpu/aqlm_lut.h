@@ -27,11 +27,22 @@ inline void build_tables_1(const AqlmArgs& p, int64_t block, float* tables) {
     }
     const float* xj = p.x + j * g;
     const float* book = p.codebooks_t + int64_t(k % M) * g * kCodewords;
-    for (int c = 0; c < kCodewords; c += 8) {
-      v8f acc = splat8(0.f);
+    // four independent accumulators (32 codewords) per pass: the FMA chains overlap
+    for (int c = 0; c < kCodewords; c += 32) {
+      v8f a0 = splat8(0.f), a1 = a0, a2 = a0, a3 = a0;
 #pragma GCC unroll 8
-      for (int i = 0; i < g; ++i) acc += splat8(xj[i]) * load8(book + i * kCodewords + c);
-      store8(t + c, acc);
+      for (int i = 0; i < g; ++i) {
+        const v8f xi = splat8(xj[i]);
+        const float* row = book + i * kCodewords + c;
+        a0 += xi * load8(row);
+        a1 += xi * load8(row + 8);
+        a2 += xi * load8(row + 16);
+        a3 += xi * load8(row + 24);
+      }
+      store8(t + c, a0);
+      store8(t + c + 8, a1);
+      store8(t + c + 16, a2);
+      store8(t + c + 24, a3);
     }
   }
 }
