@@ -43,10 +43,9 @@ void compute_rows(const AqlmArgs& p, const float* workspace, float* y, int64_t y
   constexpr int K = kBlockGroups * M;
   const int64_t per_row = table_floats(p);
   thread_local std::vector<float> acc;
-  acc.assign(end - begin, 0.f);
   const auto* codes = static_cast<const uint8_t*>(p.codes);
   for (int64_t r = 0; r < rows; ++r) {
-    std::fill(acc.begin(), acc.end(), 0.f);
+    acc.assign(end - begin, 0.f);
     const float* tables = workspace + r * per_row;
     for (int64_t block = 0; block < p.num_blocks; ++block)
       lookup_1<M>(tables + block * K * kCodewords, codes + (block * p.out + begin) * K, 0, end - begin,
