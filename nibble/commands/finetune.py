@@ -33,6 +33,9 @@ def add_parser(subparsers) -> None:
                       help="fraction of weight groups re-encoded per V step (default 0.01; ste: 1)")
     tune.add_argument("--trust-ratio", type=float, default=0.01,
                       help="cap on ‖ΔW‖/‖W‖ per V step and layer (default 0.01; 0 = no cap)")
+    tune.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                      help="learning-rate schedule of both steps (cosine: decay to --min-lr-ratio x lr)")
+    tune.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / initial lr under cosine (0.1)")
     tune.add_argument("--v-every", type=int, default=1, help="take a V step every N steps")
     tune.add_argument("--v-start", type=int, default=0,
                       help="first step with a V step (V-step Adam moments accumulate from step 0)")
@@ -56,7 +59,8 @@ def build_config(args):
 
     return TuneConfig(mode=args.mode, steps=args.steps, batch_size=args.batch_size,
                       microbatch_size=args.microbatch_size, lr=args.lr, v_lr=args.v_lr, tau=args.tau,
-                      trust_ratio=args.trust_ratio or None, v_every=args.v_every, v_start=args.v_start,
+                      trust_ratio=args.trust_ratio or None,
+                      schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, v_every=args.v_every, v_start=args.v_start,
                       lamb=args.lamb, train_non_quantized=args.train_non_quantized,
                       train_norms=not args.freeze_norms, checkpointing=not args.no_checkpointing,
                       seed=args.seed).validate()

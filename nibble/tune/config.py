@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from nibble.errors import ConfigError
 
 MODES = ("pv", "ste")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -20,6 +22,8 @@ class TuneConfig:
     re-encoded onto it, every group when tau = 1).
     ``v_lr`` is in units of each layer's weight RMS (the V step's move, before projection, is
     ``v_lr · rms(Ŵ) · m̂/(√v̂ + ε)``, from an Adam on the dense weights).
+    ``schedule``: ``cosine`` decays both learning rates from their value at step 0 to
+    ``min_lr_ratio`` times it at the last step; ``constant`` keeps them.
     V steps start at step ``v_start`` (the V-step Adam moments are accumulated from step 0, so
     that the first V step already ranks groups by consistent gradients).
     """
@@ -32,6 +36,8 @@ class TuneConfig:
     v_lr: float = 0.05
     tau: float | None = None
     trust_ratio: float | None = 0.01
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
     v_every: int = 1
     v_start: int = 0
     v_betas: tuple[float, float] = (0.9, 0.95)
@@ -57,9 +63,20 @@ class TuneConfig:
             raise ConfigError(f"--tau must lie in [0, 1], got {self.tau}")
         if self.steps < 0 or self.batch_size < 1 or self.microbatch_size < 1 or self.v_every < 1 or self.v_start < 0:
             raise ConfigError("--steps must be >= 0 and --batch-size, --microbatch-size, --v-every >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min-lr-ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if self.lr < 0 or self.v_lr < 0 or (self.trust_ratio is not None and self.trust_ratio <= 0):
             raise ConfigError("learning rates must be >= 0 and --trust-ratio > 0")
         return self
+
+    def lr_factor(self, step: int) -> float:
+        """The multiplier of both learning rates at ``step`` (0-based) under the schedule."""
+        if self.schedule == "constant" or self.steps <= 1:
+            return 1.0
+        progress = min(step, self.steps - 1) / (self.steps - 1)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

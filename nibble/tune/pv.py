@@ -140,6 +140,8 @@ class PVTuner:
         for name in self.layers:
             self.decoded(name).requires_grad_(needs_dense_grad)
             self.dense[name].grad = None
+        factor = self.config.lr_factor(self.step)
+        self.p_opt.lr, self.v_opt.lr = self.config.lr * factor, self.config.v_lr * factor
         tokens = len(indices) * self.windows.shape[1]
         loss = 0.0
         for batch in self.dist.share(self.microbatches(indices)):
@@ -218,7 +220,7 @@ class PVTuner:
     def _v_step_layer(self, name: str, layer: QuantizedLinear, grad: torch.Tensor) -> VStepStats:
         current = self.decoded(name)
         direction = self.v_opt.direction(name, grad)
-        move = direction.mul_(self.config.v_lr * current.pow(2).mean().sqrt())
+        move = direction.mul_(self.v_opt.lr * current.pow(2).mean().sqrt())
         if self.config.mode == "ste":
             target = self.shadows[name].sub_(move)
         else:

@@ -55,10 +55,28 @@ def test_p_step_alone_never_touches_codes(make_scalar_student, teacher, windows)
 
 
 @pytest.mark.parametrize("bad", [dict(mode="qat"), dict(tau=1.5), dict(v_start=-1), dict(batch_size=0),
-                                 dict(trust_ratio=0.0)])
+                                 dict(trust_ratio=0.0), dict(schedule="linear"), dict(min_lr_ratio=1.5)])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ConfigError):
         TuneConfig(**bad).validate()
+
+
+def test_cosine_schedule_decays_from_one_to_the_floor():
+    config = TuneConfig(steps=11, schedule="cosine", min_lr_ratio=0.1)
+    factors = [config.lr_factor(step) for step in range(11)]
+    assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
+    assert factors[5] == pytest.approx(0.55)
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+    assert TuneConfig(steps=11).lr_factor(7) == 1.0
+
+
+def test_the_schedule_sets_both_learning_rates(make_scalar_student, teacher, windows):
+    config = TuneConfig(lr=1e-3, v_lr=0.2, tau=0.05, batch_size=4, steps=3, schedule="cosine", min_lr_ratio=0.25)
+    train = windows[:16]
+    tuner = PVTuner(make_scalar_student(teacher), TeacherOutputs(teacher, train), train, config)
+    for step in range(3):
+        tuner.train_step([4 * step + j for j in range(4)])
+    assert tuner.p_opt.lr == pytest.approx(0.25e-3) and tuner.v_opt.lr == pytest.approx(0.05)
 
 
 def test_v_steps_wait_for_v_start_and_respect_the_trust_ratio(make_scalar_student, teacher, windows):
