@@ -52,7 +52,8 @@ def tune(name: str, source: str, mode: str, work: Path, args) -> dict:
     def compute():
         config = TuneConfig(mode=mode, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             v_lr=args.v_lr if mode == "pv" else args.ste_lr,
-                            tau=args.tau if mode == "pv" else 1.0, trust_ratio=args.trust_ratio)
+                            tau=args.tau if mode == "pv" else 1.0, trust_ratio=args.trust_ratio,
+                            schedule=args.schedule, min_lr_ratio=args.min_lr_ratio)
         data = TuneData("c4", args.nsamples, args.seqlen, args.holdout, 0)
         started = time.perf_counter()
         summary = finetune_to_dir(source, TEACHER, work / name, config, data, eval_every=args.eval_every,
@@ -73,7 +74,9 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--holdout", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--schedule", default="cosine", choices=["constant", "cosine"])
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1)
     parser.add_argument("--v-lr", type=float, default=0.05)
     parser.add_argument("--ste-lr", type=float, default=0.01)
     parser.add_argument("--tau", type=float, default=0.01)

@@ -26,15 +26,15 @@ def add_parser(subparsers) -> None:
     tune.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     tune.add_argument("--batch-size", type=int, default=8, help="windows per step, all processes together")
     tune.add_argument("--microbatch-size", type=int, default=1, help="windows per forward pass")
-    tune.add_argument("--lr", type=float, default=1e-4, help="P step (Adam) learning rate")
+    tune.add_argument("--lr", type=float, default=1e-3, help="P step (Adam) learning rate (default 1e-3)")
     tune.add_argument("--v-lr", type=float, default=0.05,
                       help="V step size in units of each layer's weight RMS (default 0.05)")
     tune.add_argument("--tau", type=float, default=None,
                       help="fraction of weight groups re-encoded per V step (default 0.01; ste: 1)")
     tune.add_argument("--trust-ratio", type=float, default=0.01,
                       help="cap on ‖ΔW‖/‖W‖ per V step and layer (default 0.01; 0 = no cap)")
-    tune.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
-                      help="learning-rate schedule of both steps (cosine: decay to --min-lr-ratio x lr)")
+    tune.add_argument("--schedule", default="cosine", choices=["constant", "cosine"],
+                      help="learning-rate schedule of both steps (default cosine: decay to --min-lr-ratio x lr)")
     tune.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / initial lr under cosine (0.1)")
     tune.add_argument("--v-every", type=int, default=1, help="take a V step every N steps")
     tune.add_argument("--v-start", type=int, default=0,

@@ -32,11 +32,11 @@ class TuneConfig:
     steps: int = 100
     batch_size: int = 8
     microbatch_size: int = 1
-    lr: float = 1e-4
+    lr: float = 1e-3
     v_lr: float = 0.05
     tau: float | None = None
     trust_ratio: float | None = 0.01
-    schedule: str = "constant"
+    schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     v_every: int = 1
     v_start: int = 0

@@ -67,7 +67,7 @@ def test_cosine_schedule_decays_from_one_to_the_floor():
     assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
     assert factors[5] == pytest.approx(0.55)
     assert all(a > b for a, b in zip(factors, factors[1:]))
-    assert TuneConfig(steps=11).lr_factor(7) == 1.0
+    assert TuneConfig(steps=11, schedule="constant").lr_factor(7) == 1.0
 
 
 def test_the_schedule_sets_both_learning_rates(make_scalar_student, teacher, windows):
