@@ -103,3 +103,12 @@ def test_unreachable_hub_id_fails_with_one_line_from_the_console_script():
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("nibble: error:")]
     assert len(lines) == 1 and "example-org/no-such-model" in lines[0]
+
+
+def test_finetune_defaults_are_the_tune_config_defaults():
+    from nibble.cli import build_parser
+    from nibble.commands.finetune import build_config
+    from nibble.tune import TuneConfig
+
+    args = build_parser().parse_args(["finetune", "q", "--teacher", "t", "--out", "o"])
+    assert build_config(args).to_dict() == TuneConfig().to_dict()
