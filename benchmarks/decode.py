@@ -149,6 +149,19 @@ def measure(engines: list[Engine], prompt: list[int], tokens: int, repeats: int)
             engine.prompt.append(len(prompt) / prefill)
 
 
+def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> float:
+    """GB/s of ``torch.sum`` over a float32 tensor far larger than the caches: the rate at which
+    this machine streams weights, which bounds decode speed for a model of a given size."""
+    torch.set_num_threads(threads)
+    data = torch.ones(megabytes * 2 ** 18)
+    best = float("inf")
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - begin)
+    return data.numel() * 4 / best / 1e9
+
+
 def table(engines: list[Engine]) -> str:
     baselines = {e.threads: statistics.median(e.decode) for e in engines if e.name.startswith("transformers")}
     lines = ["| engine | format | threads | decode tok/s | prompt tok/s | decode vs transformers |",
@@ -179,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batch 1, prompt {len(prompt)} tokens, {args.tokens} new tokens, greedy, "
           f"median of {args.repeats} interleaved runs")
     print(table(engines))
+    print("memory read bandwidth (torch.sum over 512 MB, best of 5): "
+          + ", ".join(f"{read_bandwidth(t):.1f} GB/s at {t} thread(s)" for t in args.threads))
     return 0
 
 

@@ -80,10 +80,11 @@ def generate(runtime: DecodeRuntime, prompts: Sequence[Sequence[int]], max_new_t
     _record(result, next_tokens, stops, on_token)
     result.prefill_seconds = time.perf_counter() - begin
     begin = time.perf_counter()
-    while result.decode_steps + 1 < max_new_tokens and not all(result.stopped):
-        next_tokens = sampler(runtime.feed(next_tokens))
-        result.decode_steps += 1
-        _record(result, next_tokens, stops, on_token)
+    with runtime.token_loop():
+        while result.decode_steps + 1 < max_new_tokens and not all(result.stopped):
+            next_tokens = sampler(runtime.feed(next_tokens))
+            result.decode_steps += 1
+            _record(result, next_tokens, stops, on_token)
     result.decode_seconds = time.perf_counter() - begin
     return result
 

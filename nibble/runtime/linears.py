@@ -27,25 +27,36 @@ LinearFn = Callable[[torch.Tensor], torch.Tensor]
 class CKernel:
     """A linear layer's float32 C kernel, in the form ``csrc/llama_decode.cpp`` calls it.
 
-    ``compute``: address of ``void compute(void* ctx, const float* x, int64_t x_stride,
-    const float* workspace, float* y, int64_t y_stride, int64_t rows, int64_t out_begin,
-    int64_t out_end)`` filling ``y[r, o]`` for ``out_begin <= o < out_end``; it is called from
-    several threads at once on disjoint ranges of ``chunk`` rows, so it must not start threads.
-    ``prepare`` (optional): address of ``void prepare(void* ctx, const float* x, int64_t x_stride,
-    int64_t rows, float* workspace, int64_t part, int64_t parts)``, run before ``compute`` (e.g.
-    lookup tables of ``x``) as ``prepare_parts`` concurrent calls, ``part`` = 0 .. parts-1, each
-    filling its own share of the workspace; ``workspace_per_row`` floats per input row are
-    provided. Strides count floats.
+    Split by outputs: ``compute`` is the address of ``void compute(void* ctx, const float* x,
+    int64_t x_stride, const float* workspace, float* y, int64_t y_stride, int64_t rows,
+    int64_t out_begin, int64_t out_end)`` filling ``y[r, o]`` for ``out_begin <= o < out_end``; it
+    is called from several threads at once on disjoint ranges of ``chunk`` rows, so it must not
+    start threads. ``prepare`` (optional): address of ``void prepare(void* ctx, const float* x,
+    int64_t x_stride, int64_t rows, float* workspace, int64_t part, int64_t parts)``, run before
+    ``compute`` (e.g. lookup tables of ``x``) as ``prepare_parts`` concurrent calls, ``part`` =
+    0 .. parts-1, each filling its own share of the workspace; ``workspace_per_row`` floats per
+    input row are provided.
+    Split by inputs (used instead when set): ``split`` is the address of ``void split(void* ctx,
+    const float* x, int64_t x_stride, int64_t rows, float* y, int64_t y_stride, int64_t part,
+    int64_t parts)`` writing part ``part``'s share of the sum over input features for every output
+    (the bias in part 0 only); up to ``split_parts`` parts (one per thread) run concurrently and
+    the step adds them up. Strides count floats.
     ``keep_alive`` is held as long as the runtime (whatever ``context`` points into).
     """
 
-    compute: int
+    compute: int | None = None
     context: int = 0
     prepare: int | None = None
     workspace_per_row: int = 0
     chunk: int = 64
     keep_alive: Any = None
     prepare_parts: int = 1
+    split: int | None = None
+    split_parts: int = 1
+
+    def __post_init__(self) -> None:
+        if self.compute is None and self.split is None:
+            raise ValueError("a CKernel needs a compute or a split entry point")
 
 
 @dataclass

@@ -25,7 +25,8 @@ COMPUTE_FN = ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_int64, c_void_p, c_voi
 class NbLinear(ctypes.Structure):
     _fields_ = [("in_features", c_int64), ("out_features", c_int64), ("weight", c_void_p), ("bias", c_void_p),
                 ("prepare", c_void_p), ("compute", c_void_p), ("ctx", c_void_p), ("workspace", c_void_p),
-                ("chunk", c_int64), ("prepare_parts", c_int64)]
+                ("chunk", c_int64), ("prepare_parts", c_int64), ("split", c_void_p), ("split_parts", c_int64),
+                ("partials", c_void_p)]
 
 
 class NbLayer(ctypes.Structure):
@@ -129,9 +130,11 @@ class LlamaNativeStep:
         if linear.ckernel is not None:
             kernel = linear.ckernel
             workspace = torch.zeros(max(1, kernel.workspace_per_row * x.shape[0]), dtype=torch.float32)
-            self.keep += [kernel.keep_alive, workspace]
+            partials = torch.zeros(kernel.split_parts * x.shape[0] * linear.out_features if kernel.split else 1)
+            self.keep += [kernel.keep_alive, workspace, partials]
             return NbLinear(x.shape[1], linear.out_features, None, None, kernel.prepare, kernel.compute,
-                            kernel.context, workspace.data_ptr(), kernel.chunk, kernel.prepare_parts)
+                            kernel.context, workspace.data_ptr(), kernel.chunk, kernel.prepare_parts,
+                            kernel.split, kernel.split_parts, partials.data_ptr())
         callback = COMPUTE_FN(self._python_linear(linear, x, y))
         self.keep.append(callback)
         address = ctypes.cast(callback, c_void_p).value

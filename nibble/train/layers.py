@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from nibble.train.operands import GemmPlan
-from nibble.train.quantizers import init_pact_alpha, pact_clip, random_hadamard, random_signs
+from nibble.train.operands import PACT_BITS, GemmPlan
+from nibble.train.quantizers import init_pact_alpha, pact_clip, random_hadamard, random_signs, sawb_clip
 
 if TYPE_CHECKING:
     from nibble.train.recipes import Recipe
@@ -109,19 +109,22 @@ class _QuantizedMixin:
             self.register_buffer("pact_signed", torch.zeros((), dtype=torch.bool, device=device))
 
     def _clip_and_plan(self, x: torch.Tensor) -> tuple[torch.Tensor, GemmPlan]:
+        """Clip x for the INT4 activation quantizer: PACT's learned clip for non-negative inputs,
+        the SAWB clip of this x for signed ones (a learned symmetric clip collapsed far below
+        the input range on the LM's attention output; docs/training.md)."""
         if not self.recipe.uses_pact:
             return x, self.recipe.plan()
         if not self.alpha_ready:
             self._init_alpha(x)
         signed = bool(self.pact_signed)
-        alpha = self.alpha.clamp_min(MIN_ALPHA)
+        alpha = sawb_clip(x, PACT_BITS) if signed else self.alpha.clamp_min(MIN_ALPHA)
         return pact_clip(x, alpha, signed), self.recipe.plan(alpha.detach(), signed)
 
     @torch.no_grad()
     def _init_alpha(self, x: torch.Tensor) -> None:
         signed = bool((x < 0).any())
         self.pact_signed.fill_(signed)
-        self.alpha.fill_(init_pact_alpha(x, 4, signed))
+        self.alpha.fill_(init_pact_alpha(x, PACT_BITS, signed))
         self.alpha_ready.fill_(True)
 
 

@@ -25,6 +25,7 @@ Quantizer = Callable[[torch.Tensor, int], torch.Tensor]
 
 FORWARD = "forward"  # in a backward GEMM: reuse the operand as the forward GEMM quantized it
 PACT = "int4-pact"
+PACT_BITS = 4  # the int4-pact operand
 
 
 def _identity(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -54,7 +55,7 @@ def operand_quantizer(name: str, alpha: torch.Tensor | None = None, signed: bool
     if name == PACT:
         if alpha is None:
             raise ConfigError("the int4-pact operand needs a clip value alpha")
-        return lambda t, dim: quantize_activation_pact(t, alpha, 4, signed)
+        return lambda t, dim: quantize_activation_pact(t, alpha, PACT_BITS, signed)
     if name not in STATIC_OPERANDS:
         raise ConfigError(f"unknown operand format {name!r}: use one of {', '.join(OPERAND_NAMES)}")
     return STATIC_OPERANDS[name]

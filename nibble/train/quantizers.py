@@ -5,7 +5,9 @@
   MSE-optimal clips of a family of distributions. Re-computed from the weights at every step.
 * PACT (Choi et al., 2018): activations are clipped to a learnable ``[0, alpha]`` (or
   ``[-alpha, alpha]`` for signed inputs) and quantized with step ``alpha / qmax``; the gradient
-  reaching ``alpha`` is the sum of the upstream gradient where the input was clipped.
+  reaching ``alpha`` is the sum of the upstream gradient where the input was clipped. (The
+  quantized layers learn the clip of non-negative inputs only; signed inputs take the SAWB clip
+  of each batch, see ``nibble.train.layers``.)
 * GradScale: a per-tensor power-of-two scale that maps the largest gradient onto the top of the
   logarithmic FP4 range (``max|g| / scale`` in ``(1/2, 1]``), re-computed at every backward.
 * Two-phase rounding (Sun et al., 2020): the same gradient rounded onto even powers of two for one

@@ -25,6 +25,17 @@ def compiler():
         pytest.skip("no C++ compiler for the decode runtime")
 
 
+def call_split(kernel, x: torch.Tensor, out_features: int, parts: int) -> torch.Tensor:
+    """``parts`` calls of ``split`` into their own buffers, then their sum, as the decode step does."""
+    split = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 2, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                             *[ctypes.c_int64] * 3)(kernel.split)
+    partials = torch.full((parts, x.shape[0], out_features), float("nan"))
+    for part in range(parts):
+        split(kernel.context, x.data_ptr(), x.stride(0), x.shape[0], partials[part].data_ptr(), out_features,
+              part, parts)
+    return partials.sum(0)
+
+
 def call_kernel(kernel, x: torch.Tensor, out_features: int) -> torch.Tensor:
     """prepare in its parts, then compute over ranges of ``kernel.chunk`` rows, as the decode step does."""
     prepare = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -46,13 +57,19 @@ def call_kernel(kernel, x: torch.Tensor, out_features: int) -> torch.Tensor:
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0]}x{c[1]}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("rows", [1, 3])
-def test_c_entry_points_match_reference(compiler, data, config, shape, rows):
+@pytest.mark.parametrize("parts", [1, 2, 5, 7])
+def test_c_entry_points_match_reference(compiler, data, config, shape, rows, parts):
     layer = data.make_aqlm(*shape, *config, bias=rows == 3)
     kernel = aqlm_ckernel(*layer)
     x = torch.randn(rows, shape[1])
     with use_backend("reference"):
         expected = aqlm_linear(x, *layer)
-    data.assert_close(call_kernel(kernel, x, shape[0]), expected, torch.float32)
+    data.assert_close(call_split(kernel, x, shape[0], parts), expected, torch.float32)
+
+
+def test_aqlm_entry_points_split_by_inputs(compiler, data):
+    kernel = aqlm_ckernel(*data.make_aqlm(64, 576, 2, 8))
+    assert kernel.split is not None and kernel.compute is None and kernel.split_parts == 16
 
 
 def test_wide_codebooks_have_no_c_entry_points(compiler, data):
@@ -70,7 +87,8 @@ def random_aqlm(linear: nn.Linear, num_codebooks: int, seed: int) -> AQLMLinear:
 
 
 @pytest.mark.parametrize("variant", ["gqa-tied", "mha-bias-untied"])
-def test_cpp_decode_step_with_aqlm_layers_matches_the_model(compiler, variant):
+@pytest.mark.parametrize("threads", [1, 2])  # down_proj (128 inputs, 2 code blocks) runs in 2 parts on 2 threads
+def test_cpp_decode_step_with_aqlm_layers_matches_the_model(compiler, variant, threads):
     model = make_llama(variant)
     for index, (name, module) in enumerate(list(model.model.named_modules())):
         if type(module) is nn.Linear:
@@ -79,7 +97,7 @@ def test_cpp_decode_step_with_aqlm_layers_matches_the_model(compiler, variant):
     assert prepare_linear(model.model.layers[0].mlp.down_proj).ckernel is not None
     tokens = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))
     reference = hf_logits(model, tokens)
-    runtime = build_runtime(model, max_len=8, batch_size=2, backend="cpp")
+    runtime = build_runtime(model, max_len=8, batch_size=2, backend="cpp", threads=threads)
     runtime.start()
     runtime.feed(tokens[:, :5])
     torch.testing.assert_close(runtime.feed(tokens[:, 5]), reference[:, 5], atol=1e-4, rtol=0)

@@ -13,7 +13,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 from nibble.train import QConv2d, QLinear, Recipe, get_recipe
 from nibble.train.formats import RADIX2, RADIX4_EVEN, RADIX4_ODD, quantize_log, quantize_mxfp4, quantize_nvfp4
 from nibble.train.quantizers import (
-    grad_scale, quantize_activation_pact, quantize_weight_sawb, random_hadamard, random_signs,
+    grad_scale, quantize_activation_pact, quantize_weight_sawb, random_hadamard, random_signs, sawb_clip,
 )
 
 BACKWARD_SEED = 123
@@ -51,7 +51,10 @@ def _grad_log(g: torch.Tensor, fmt) -> torch.Tensor:
 
 
 def int4_reference(name: str, layer, x: torch.Tensor, g: torch.Tensor, ops: Gemms) -> dict:
-    alpha, signed = layer.alpha.detach(), bool(layer.pact_signed)
+    """Signed inputs: the SAWB clip of x, re-fitted at every call (no gradient); non-negative ones:
+    PACT's learned clip and its gradient."""
+    signed = bool(layer.pact_signed)
+    alpha = sawb_clip(x) if signed else layer.alpha.detach()
     low = -alpha if signed else torch.zeros(())
     w, b = layer.weight.detach(), layer.bias.detach()
     xq = quantize_activation_pact(x.clamp(low, alpha), alpha, 4, signed)
@@ -59,10 +62,12 @@ def int4_reference(name: str, layer, x: torch.Tensor, g: torch.Tensor, ops: Gemm
     dgrad_format, wgrad_format = INT4_GRADS[name]
     dx_clipped = ops.dgrad(_grad_log(g, dgrad_format), wq, x)
     outside_low = x <= low if signed else x < 0
-    return {"y": ops.forward(xq, wq) + b.view(ops.bias_shape),
-            "dx": dx_clipped * ((x < alpha) & ~outside_low),
-            "dw": ops.wgrad(_grad_log(g, wgrad_format), xq, w),
-            "dalpha": dx_clipped[x >= alpha].sum() - (dx_clipped[outside_low].sum() if signed else 0.0)}
+    reference = {"y": ops.forward(xq, wq) + b.view(ops.bias_shape),
+                 "dx": dx_clipped * ((x < alpha) & ~outside_low),
+                 "dw": ops.wgrad(_grad_log(g, wgrad_format), xq, w)}
+    if not signed:
+        reference["dalpha"] = dx_clipped[x >= alpha].sum()
+    return reference
 
 
 def fp4_reference(name: str, layer, x: torch.Tensor, g: torch.Tensor, ops: Gemms) -> dict:
@@ -83,7 +88,7 @@ def run_layer(layer, x: torch.Tensor, g: torch.Tensor) -> dict:
     torch.manual_seed(BACKWARD_SEED)
     y.backward(g)
     out = {"y": y.detach(), "dx": x.grad, "dw": layer.weight.grad}
-    if hasattr(layer, "alpha"):
+    if getattr(layer, "alpha", None) is not None and layer.alpha.grad is not None:
         out["dalpha"] = layer.alpha.grad
     bias_grad = g.sum((0, 2, 3)) if isinstance(layer, QConv2d) else g.reshape(-1, g.shape[-1]).sum(0)
     assert torch.allclose(layer.bias.grad, bias_grad, atol=1e-5)

@@ -3,8 +3,8 @@
 Each function describes one layer's tensors in a C struct and returns the ``CKernel`` the decode
 step calls with no Python in between, or None when the kernel does not apply:
 
-- ``aqlm_ckernel``: AQLM Kx8 lookup tables (``nb_aqlm_prepare`` builds the tables of x once per
-  token, ``nb_aqlm_compute`` sums them for a range of output rows on each thread);
+- ``aqlm_ckernel``: AQLM Kx8 lookup tables, split by inputs (``nb_aqlm_split``: each thread takes
+  a range of code blocks, builds their tables and sums them for every output row);
 - ``scalar8_ckernel``: 8-bit integer weights with a scale and zero point per group (e.g. an
   output head quantized for decoding).
 """
@@ -26,7 +26,6 @@ SOURCE = Path(__file__).resolve().parent / "runtime_abi.cpp"
 HEADERS = ("aqlm_lut.h", "kernels.h", "simd.h")
 EXTRA_FLAGS = ("-fno-tree-vectorize",)  # as for the torch op: explicit vectors, no gathers
 ROWS_PER_TASK = 64
-MAX_PREPARE_PARTS = 8  # the AQLM tables of a layer are built in up to this many concurrent parts
 
 
 class AqlmArgs(ctypes.Structure):
@@ -54,19 +53,10 @@ def _library():
     except (NativeUnavailable, OSError) as exc:
         log.warning("C kernels unavailable for the decode step: %s", exc)
         return None
-    for name in ("nb_aqlm_workspace_per_row", "nb_scalar8_workspace_per_row"):
+    for name in ("nb_aqlm_max_parts", "nb_scalar8_workspace_per_row"):
         getattr(library, name).argtypes = [c_void_p]
         getattr(library, name).restype = c_int64
     return library
-
-
-def _ckernel(library: ctypes.CDLL, prefix: str, args: ctypes.Structure, keep_alive: tuple, prepare_parts: int = 1):
-    from nibble.runtime.linears import CKernel
-
-    workspace = getattr(library, f"{prefix}_workspace_per_row")(ctypes.byref(args))
-    return CKernel(compute=_address(library, f"{prefix}_compute"), context=ctypes.addressof(args),
-                   prepare=_address(library, f"{prefix}_prepare"), workspace_per_row=workspace,
-                   chunk=ROWS_PER_TASK, keep_alive=(args, *keep_alive), prepare_parts=prepare_parts)
 
 
 def _float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -98,8 +88,11 @@ def aqlm_ckernel(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Ten
     args = AqlmArgs(None, 0, num_groups, codebooks.shape[2], num_codebooks, blocked.data_ptr(), blocked.shape[0],
                     out_features, LUT_CODEWORDS, books.data_ptr(), books_t.data_ptr(), scales32.data_ptr(),
                     _pointer(bias32), None)
-    parts = min(blocked.shape[0], MAX_PREPARE_PARTS)
-    return _ckernel(library, "nb_aqlm", args, (blocked, books, books_t, scales32, bias32), parts)
+    from nibble.runtime.linears import CKernel
+
+    return CKernel(split=_address(library, "nb_aqlm_split"), context=ctypes.addressof(args),
+                   split_parts=library.nb_aqlm_max_parts(ctypes.byref(args)),
+                   keep_alive=(args, blocked, books, books_t, scales32, bias32))
 
 
 def scalar8_ckernel(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
@@ -116,4 +109,9 @@ def scalar8_ckernel(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     scales32, zeros32, bias32 = _float32(scales), _float32(zeros), _float32(bias)
     args = Scalar8Args(q.data_ptr(), q.shape[1] * 4, in_features, q.shape[0], group_size, scales32.data_ptr(),
                        zeros32.data_ptr(), _pointer(bias32))
-    return _ckernel(library, "nb_scalar8", args, (q, scales32, zeros32, bias32))
+    from nibble.runtime.linears import CKernel
+
+    return CKernel(compute=_address(library, "nb_scalar8_compute"), context=ctypes.addressof(args),
+                   prepare=_address(library, "nb_scalar8_prepare"),
+                   workspace_per_row=library.nb_scalar8_workspace_per_row(ctypes.byref(args)),
+                   chunk=ROWS_PER_TASK, keep_alive=(args, q, scales32, zeros32, bias32))

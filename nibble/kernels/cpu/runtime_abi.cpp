@@ -1,10 +1,11 @@
-// C entry points of nibble's CPU kernels for the C++ decode step (nibble/runtime): per call,
-// `prepare` runs as `parts` concurrent calls (each `part` fills its share of the workspace), then
-// `compute` runs on several threads at once, each on its own range of output rows. Built by
-// nibble.runtime.native, without torch.
+// C entry points of nibble's CPU kernels for the C++ decode step (nibble/runtime). Two shapes of
+// call (see nibble.runtime.linears.CKernel): split by inputs (`split`: each of `parts` concurrent
+// calls adds up its share of the input features for every output; the runtime sums the parts), or
+// split by outputs (`prepare` as `parts` concurrent calls filling a shared workspace, then
+// `compute` on disjoint ranges of output rows). Built by nibble.runtime.native, without torch.
 //
-// AQLM Kx8 (nb_aqlm_*): `prepare` builds every lookup table of each input row; `ctx` is an
-// AqlmArgs (kernels.h) whose x, batch and y fields are unused.
+// AQLM Kx8 (nb_aqlm_*): split by inputs, a part being a range of (code block, output row) pairs;
+// `ctx` is an AqlmArgs (kernels.h) whose x, batch and y fields are unused.
 // Scalar 8-bit (nb_scalar8_*): bytes q[o, i] with a scale and a zero point per group of inputs;
 // `prepare` sums x over each group, so that a group costs one integer-weight dot product.
 
@@ -20,48 +21,44 @@
 namespace nibble {
 namespace {
 
-int64_t table_floats(const AqlmArgs& p) { return p.num_blocks * kBlockGroups * p.num_codebooks * kCodewords; }
-
-// Part `part` of `parts` builds the tables of its share of the code blocks, for every row.
+// Part `part` of `parts` of one AQLM layer for every input row: its share of the (code block,
+// output row) pairs, taken in the blocked layout's order ([block][out][K]) so that a part's codes
+// are one contiguous stream and the parts are equal to within one row, whatever the number of
+// blocks. A block's tables are built just before its lookups, so they are still in L1 for every
+// output row of the part; a block that two parts share is built by both. The bias goes in part 0.
 template <int M, int G>
-void prepare_rows(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t rows, float* workspace,
-                  int64_t part, int64_t parts) {
+void split_rows(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t rows, float* y, int64_t y_stride,
+                int64_t part, int64_t parts) {
   constexpr int K = kBlockGroups * M;
-  const int64_t per_row = table_floats(p);
-  const int64_t first = p.num_blocks * part / parts, last = p.num_blocks * (part + 1) / parts;
-  for (int64_t r = 0; r < rows; ++r) {
-    AqlmArgs row = p;
-    row.x = x + r * x_stride;
-    for (int64_t block = first; block < last; ++block)
-      build_tables_1<M, G>(row, block, workspace + r * per_row + block * K * kCodewords);
-  }
-}
-
-template <int M>
-void compute_rows(const AqlmArgs& p, const float* workspace, float* y, int64_t y_stride, int64_t rows,
-                  int64_t begin, int64_t end) {
-  constexpr int K = kBlockGroups * M;
-  const int64_t per_row = table_floats(p);
-  thread_local std::vector<float> acc;
+  const int64_t total = p.num_blocks * p.out;
+  const int64_t begin = total * part / parts, end = total * (part + 1) / parts;
+  float* tables = scratch(size_t(rows) * K * kCodewords);
   const auto* codes = static_cast<const uint8_t*>(p.codes);
+  for (int64_t r = 0; r < rows; ++r) std::fill(y + r * y_stride, y + r * y_stride + p.out, 0.f);
+  for (int64_t block = begin / p.out; block * p.out < end; ++block) {
+    const int64_t r0 = std::max(begin - block * p.out, int64_t(0));
+    const int64_t r1 = std::min(end - block * p.out, p.out);
+    for (int64_t r = 0; r < rows; ++r) {
+      AqlmArgs row = p;
+      row.x = x + r * x_stride;
+      build_tables_1<M, G>(row, block, tables + r * K * kCodewords);
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      lookup_1<M>(tables + r * K * kCodewords, codes + block * p.out * K, r0, r1, y + r * y_stride);
+  }
   for (int64_t r = 0; r < rows; ++r) {
-    acc.assign(end - begin, 0.f);
-    const float* tables = workspace + r * per_row;
-    for (int64_t block = 0; block < p.num_blocks; ++block)
-      lookup_1<M>(tables + block * K * kCodewords, codes + (block * p.out + begin) * K, 0, end - begin,
-                  acc.data());
     float* yr = y + r * y_stride;
-    for (int64_t o = begin; o < end; ++o) yr[o] = p.scales[o] * acc[o - begin] + (p.bias ? p.bias[o] : 0.f);
+    for (int64_t o = 0; o < p.out; ++o) yr[o] = p.scales[o] * yr[o] + (part == 0 && p.bias ? p.bias[o] : 0.f);
   }
 }
 
 template <int M>
-void prepare_dispatch(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t rows, float* workspace,
-                      int64_t part, int64_t parts) {
+void split_dispatch(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t rows, float* y, int64_t y_stride,
+                    int64_t part, int64_t parts) {
   if (p.group_size == 8)
-    prepare_rows<M, 8>(p, x, x_stride, rows, workspace, part, parts);
+    split_rows<M, 8>(p, x, x_stride, rows, y, y_stride, part, parts);
   else
-    prepare_rows<M, 0>(p, x, x_stride, rows, workspace, part, parts);
+    split_rows<M, 0>(p, x, x_stride, rows, y, y_stride, part, parts);
 }
 
 // 8 bytes widened to 8 floats (one vpmovzxbd + vcvtdq2ps on AVX2; gcc scalarises the generic form).
@@ -105,32 +102,19 @@ struct Scalar8Args {
 
 extern "C" {
 
-int64_t nb_aqlm_abi_version() { return 1; }
-
-// Floats of workspace one input row needs: K tables of 256 entries per block of 8 groups.
-int64_t nb_aqlm_workspace_per_row(const void* ctx) {
-  return nibble::table_floats(*static_cast<const nibble::AqlmArgs*>(ctx));
+// At most this many parts (any number up to the layer's output rows works; each costs a buffer).
+int64_t nb_aqlm_max_parts(const void* ctx) {
+  return std::min<int64_t>(16, static_cast<const nibble::AqlmArgs*>(ctx)->out);
 }
 
-void nb_aqlm_prepare(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace, int64_t part,
-                     int64_t parts) {
+void nb_aqlm_split(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* y, int64_t y_stride,
+                   int64_t part, int64_t parts) {
   const auto& p = *static_cast<const nibble::AqlmArgs*>(ctx);
   switch (p.num_codebooks) {
-    case 1: return nibble::prepare_dispatch<1>(p, x, x_stride, rows, workspace, part, parts);
-    case 2: return nibble::prepare_dispatch<2>(p, x, x_stride, rows, workspace, part, parts);
-    case 3: return nibble::prepare_dispatch<3>(p, x, x_stride, rows, workspace, part, parts);
-    case 4: return nibble::prepare_dispatch<4>(p, x, x_stride, rows, workspace, part, parts);
-  }
-}
-
-void nb_aqlm_compute(void* ctx, const float* /*x*/, int64_t /*x_stride*/, const float* workspace, float* y,
-                     int64_t y_stride, int64_t rows, int64_t begin, int64_t end) {
-  const auto& p = *static_cast<const nibble::AqlmArgs*>(ctx);
-  switch (p.num_codebooks) {
-    case 1: return nibble::compute_rows<1>(p, workspace, y, y_stride, rows, begin, end);
-    case 2: return nibble::compute_rows<2>(p, workspace, y, y_stride, rows, begin, end);
-    case 3: return nibble::compute_rows<3>(p, workspace, y, y_stride, rows, begin, end);
-    case 4: return nibble::compute_rows<4>(p, workspace, y, y_stride, rows, begin, end);
+    case 1: return nibble::split_dispatch<1>(p, x, x_stride, rows, y, y_stride, part, parts);
+    case 2: return nibble::split_dispatch<2>(p, x, x_stride, rows, y, y_stride, part, parts);
+    case 3: return nibble::split_dispatch<3>(p, x, x_stride, rows, y, y_stride, part, parts);
+    case 4: return nibble::split_dispatch<4>(p, x, x_stride, rows, y, y_stride, part, parts);
   }
 }
 

@@ -25,6 +25,10 @@ typedef void (*nb_prepare_fn)(void* ctx, const float* x, int64_t x_stride, int64
                               int64_t part, int64_t parts);
 typedef void (*nb_compute_fn)(void* ctx, const float* x, int64_t x_stride, const float* workspace, float* y,
                               int64_t y_stride, int64_t rows, int64_t out_begin, int64_t out_end);
+// Or split by inputs: part `part` of `parts` writes its share of the sum over input features, for
+// every output, to y (stride y_stride); the parts run concurrently and the step adds them up.
+typedef void (*nb_split_fn)(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* y, int64_t y_stride,
+                            int64_t part, int64_t parts);
 
 struct NbLinear {
     int64_t in_features, out_features;
@@ -36,6 +40,9 @@ struct NbLinear {
     float* workspace;  // for prepare/compute, owned by Python
     int64_t chunk;     // output rows per task
     int64_t prepare_parts;  // concurrent prepare calls (at least 1)
+    nb_split_fn split;      // non-null: used instead of prepare/compute
+    int64_t split_parts;    // at most this many parts
+    float* partials;        // split_parts * batch * out_features floats, owned by Python
 };
 
 struct NbLayer {
@@ -120,6 +127,27 @@ nibble::WorkPool& pool_for(int64_t threads) {
     return pool;
 }
 
+// One part per thread: each part's partial sums go to its own slice of lin.partials, then add up.
+void run_split(const NbModel& m, const NbLinear& lin, const float* x, int64_t x_stride, float* y, int64_t y_stride,
+               nibble::WorkPool& pool) {
+    const int64_t parts = std::max<int64_t>(1, std::min(lin.split_parts, m.threads));
+    if (parts == 1) {
+        lin.split(lin.ctx, x, x_stride, m.batch, y, y_stride, 0, 1);
+        return;
+    }
+    const int64_t out = lin.out_features, slice = m.batch * out;
+    pool.run(parts, [&](int64_t part) {
+        lin.split(lin.ctx, x, x_stride, m.batch, lin.partials + part * slice, out, part, parts);
+    });
+    for (int64_t r = 0; r < m.batch; ++r) {
+        float* yr = y + r * y_stride;
+        const float* first = lin.partials + r * out;
+        std::memcpy(yr, first, out * sizeof(float));
+        for (int64_t part = 1; part < parts; ++part)
+            for (int64_t o = 0; o < out; ++o) yr[o] += first[part * slice + o];
+    }
+}
+
 void run_linear(const NbModel& m, const NbLinear& lin, const float* x, int64_t x_stride, float* y,
                 int64_t y_stride) {
     if (lin.weight) {
@@ -127,6 +155,10 @@ void run_linear(const NbModel& m, const NbLinear& lin, const float* x, int64_t x
         return;
     }
     nibble::WorkPool& pool = pool_for(m.threads);
+    if (lin.split) {
+        run_split(m, lin, x, x_stride, y, y_stride, pool);
+        return;
+    }
     const int64_t parts = std::max<int64_t>(lin.prepare_parts, 1);
     if (lin.prepare && parts == 1) lin.prepare(lin.ctx, x, x_stride, m.batch, lin.workspace, 0, 1);
     if (lin.prepare && parts > 1)
@@ -255,7 +287,7 @@ void mlp_block(const NbModel& m, int64_t index) {
 
 extern "C" {
 
-int64_t nb_abi_version() { return 3; }
+int64_t nb_abi_version() { return 4; }
 
 // Embed `tokens` (or use m.x as given when tokens is null), run every layer for one position per row,
 // write k/v at cache `slot`, and leave logits [batch, vocab] in m.logits.
