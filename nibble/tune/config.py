@@ -26,6 +26,10 @@ class TuneConfig:
     ``min_lr_ratio`` times it at the last step; ``constant`` keeps them.
     V steps start at step ``v_start`` (the V-step Adam moments are accumulated from step 0, so
     that the first V step already ranks groups by consistent gradients).
+    ``v_memory`` (``pv`` only): the fraction of what a V step's target asked for but re-encoding
+    did not deliver (Y − Ŵ_new) that is added to the next V step's target; 0 forgets it, so a move
+    smaller than the distance to the next representable value never changes a code; values near 1
+    let consistent moves add up until they do (with 1, much like the STE shadow weight).
     """
 
     mode: str = "pv"
@@ -40,6 +44,7 @@ class TuneConfig:
     min_lr_ratio: float = 0.1
     v_every: int = 1
     v_start: int = 0
+    v_memory: float = 0.0
     v_betas: tuple[float, float] = (0.9, 0.95)
     train_norms: bool = True
     train_non_quantized: bool = False
@@ -65,6 +70,8 @@ class TuneConfig:
             raise ConfigError("--steps must be >= 0 and --batch-size, --microbatch-size, --v-every >= 1")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
+        if not 0.0 <= self.v_memory <= 1.0:
+            raise ConfigError(f"--v-memory must lie in [0, 1], got {self.v_memory}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min-lr-ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if self.lr < 0 or self.v_lr < 0 or (self.trust_ratio is not None and self.trust_ratio <= 0):

@@ -98,7 +98,8 @@ class PVTuner:
                              for name, layer in self.layers.items()}
         self.p_opt = NamedAdam(config.lr, config.betas, lamb=config.lamb)
         self.v_opt = NamedAdam(config.v_lr, config.v_betas)
-        self.shadows: dict[str, torch.Tensor] = {}
+        self.shadows: dict[str, torch.Tensor] = {}  # ste: the dense shadow weights
+        self.residuals: dict[str, torch.Tensor] = {}  # pv with v_memory: decayed Y − Ŵ_new
         self.dense: dict[str, torch.Tensor] = {}
         self.step = 0
         self._install_hooks()
@@ -225,8 +226,12 @@ class PVTuner:
             target = self.shadows[name].sub_(move)
         else:
             target = current.sub(move)
+            if name in self.residuals:
+                target.add_(self.residuals[name])
         del move, direction
         stats = v_step(layer, target, self.config.effective_tau, self.config.trust_ratio, current=current)
+        if self.config.mode == "pv" and self.config.v_memory > 0:
+            self.residuals[name] = target.sub_(stats.weight).mul_(self.config.v_memory)
         self.dense[name] = stats.weight
         return stats
 
@@ -267,10 +272,11 @@ class PVTuner:
                 tensor.copy_(state[name].to(tensor.device, tensor.dtype))
 
     def local_optimizer_state(self) -> dict[str, torch.Tensor]:
-        """Optimizer moments and STE shadows this rank holds (V-step state only for owned layers)."""
+        """Optimizer moments, STE shadows and V-step residuals this rank holds (owned layers only)."""
         state = self.p_opt.state_tensors("p::") if self.dist.is_main else {}
         state.update(self.v_opt.state_tensors("v::"))
         state.update({f"shadow::{name}": t for name, t in self.shadows.items()})
+        state.update({f"residual::{name}": t for name, t in self.residuals.items()})
         return state
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -282,3 +288,5 @@ class PVTuner:
         for name in owned:
             if f"shadow::{name}" in tensors:
                 self.shadows[name] = tensors[f"shadow::{name}"].float().clone()
+            if f"residual::{name}" in tensors:
+                self.residuals[name] = tensors[f"residual::{name}"].float().clone()

@@ -55,7 +55,8 @@ def test_p_step_alone_never_touches_codes(make_scalar_student, teacher, windows)
 
 
 @pytest.mark.parametrize("bad", [dict(mode="qat"), dict(tau=1.5), dict(v_start=-1), dict(batch_size=0),
-                                 dict(trust_ratio=0.0), dict(schedule="linear"), dict(min_lr_ratio=1.5)])
+                                 dict(trust_ratio=0.0), dict(schedule="linear"), dict(min_lr_ratio=1.5),
+                                 dict(v_memory=1.5)])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ConfigError):
         TuneConfig(**bad).validate()
@@ -84,3 +85,23 @@ def test_v_steps_wait_for_v_start_and_respect_the_trust_ratio(make_scalar_studen
     _, _, results = tune(make_scalar_student(teacher), teacher, windows, config, steps=4)
     assert [r.changed for r in results[:2]] == [0, 0] and results[2].changed > 0
     assert all(r.relative_change <= 0.05 + 1e-7 for r in results)
+
+
+@pytest.mark.parametrize("memory", [0.0, 1.0])
+def test_v_memory_lets_small_moves_add_up_to_a_code_change(memory, make_scalar_student, teacher, windows):
+    """A move of 0.3 grid steps never changes a code alone; with memory 1 two such moves make 0.6
+    steps, past the rounding midpoint of the finest group."""
+    config = TuneConfig(tau=1.0, trust_ratio=None, v_memory=memory).validate()
+    train = windows[:16]
+    tuner = PVTuner(make_scalar_student(teacher), TeacherOutputs(teacher, train), train, config)
+    name = "model.layers.0.mlp.down_proj"
+    layer = tuner.layers[name]
+    current = tuner.decoded(name)
+    tuner.v_opt.lr = 0.3 * float(layer.scales.min()) / float(current.pow(2).mean().sqrt())
+    grad = torch.randn(current.shape, generator=torch.Generator().manual_seed(0))  # Adam direction: sign(grad)
+    first = tuner._v_step_layer(name, layer, grad.clone())
+    second = tuner._v_step_layer(name, layer, grad.clone())
+    assert first.changed == 0
+    assert (second.changed > 0) == (memory == 1.0)
+    state = tuner.local_optimizer_state()
+    assert (f"residual::{name}" in state) == (memory > 0)
