@@ -43,6 +43,7 @@ def _static_quantizers() -> dict[str, Quantizer]:
     }
     for name, fmt in LOG_FORMATS.items():
         table[name] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt)
+        table[f"{name}-sr"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, "stochastic")
     return table
 
 

@@ -5,6 +5,7 @@
 | `fp32`         | fp32                 | fp32                                   | fp32                |
 | `int4-forward` | INT4 SAWB / INT4 PACT| fp32                                   | forward's INT4      |
 | `ibm-fp4`      | INT4 SAWB / INT4 PACT| radix-4 FP4, GradScale, two-phase      | forward's INT4      |
+| `ibm-fp4-sr`   | INT4 SAWB / INT4 PACT| as ibm-fp4, stochastic rounding        | forward's INT4      |
 | `fp4-radix2`   | INT4 SAWB / INT4 PACT| radix-2 FP4, GradScale                 | forward's INT4      |
 | `mxfp4`        | MXFP4 (nearest)      | MXFP4 stochastic, Hadamard on W-grad   | MXFP4 (nearest)     |
 | `nvfp4`        | NVFP4 (nearest)      | NVFP4 stochastic, Hadamard on W-grad   | NVFP4 (nearest)     |
@@ -88,6 +89,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("int4-forward", "INT4 weights (SAWB) and activations (PACT); fp32 gradients", **_INT4_FORWARD),
     Recipe("ibm-fp4", "INT4 forward; radix-4 FP4 gradients with GradScale and two-phase rounding",
            **_INT4_FORWARD, dgrad_grad="log4-even", wgrad_grad="log4-odd"),
+    Recipe("ibm-fp4-sr", "ibm-fp4 with the FP4 gradients rounded stochastically (unbiased) instead of to nearest",
+           **_INT4_FORWARD, dgrad_grad="log4-even-sr", wgrad_grad="log4-odd-sr"),
     Recipe("fp4-radix2", "INT4 forward; radix-2 FP4 gradients with GradScale (control)",
            **_INT4_FORWARD, dgrad_grad="log2", wgrad_grad="log2"),
     Recipe("mxfp4", "MXFP4 GEMMs: nearest forward, stochastic gradients, Hadamard (32) on the weight gradient",

@@ -17,10 +17,11 @@ from nibble.train.quantizers import (
 )
 
 BACKWARD_SEED = 123
-INT4_GRADS = {
-    "int4-forward": (None, None),
-    "ibm-fp4": (RADIX4_EVEN, RADIX4_ODD),
-    "fp4-radix2": (RADIX2, RADIX2),
+INT4_GRADS = {  # (input-gradient format, weight-gradient format, rounding)
+    "int4-forward": (None, None, "nearest"),
+    "ibm-fp4": (RADIX4_EVEN, RADIX4_ODD, "nearest"),
+    "ibm-fp4-sr": (RADIX4_EVEN, RADIX4_ODD, "stochastic"),
+    "fp4-radix2": (RADIX2, RADIX2, "nearest"),
 }
 FP4 = {  # nearest quantizer, stochastic quantizer, Hadamard block
     "mxfp4": (lambda t, d: quantize_mxfp4(t, d), lambda t, d: quantize_mxfp4(t, d, "stochastic", True), 32),
@@ -46,8 +47,8 @@ CONV = Gemms(forward=lambda x, w: F.conv2d(x, w, stride=2, padding=1),
              bias_shape=(1, -1, 1, 1))
 
 
-def _grad_log(g: torch.Tensor, fmt) -> torch.Tensor:
-    return g if fmt is None else quantize_log(g, grad_scale(g), fmt)
+def _grad_log(g: torch.Tensor, fmt, rounding: str = "nearest") -> torch.Tensor:
+    return g if fmt is None else quantize_log(g, grad_scale(g), fmt, rounding)
 
 
 def int4_reference(name: str, layer, x: torch.Tensor, g: torch.Tensor, ops: Gemms) -> dict:
@@ -59,12 +60,13 @@ def int4_reference(name: str, layer, x: torch.Tensor, g: torch.Tensor, ops: Gemm
     w, b = layer.weight.detach(), layer.bias.detach()
     xq = quantize_activation_pact(x.clamp(low, alpha), alpha, 4, signed)
     wq = quantize_weight_sawb(w)
-    dgrad_format, wgrad_format = INT4_GRADS[name]
-    dx_clipped = ops.dgrad(_grad_log(g, dgrad_format), wq, x)
+    dgrad_format, wgrad_format, rounding = INT4_GRADS[name]
+    torch.manual_seed(BACKWARD_SEED)  # the layer's backward draws its random bits in this order
+    dx_clipped = ops.dgrad(_grad_log(g, dgrad_format, rounding), wq, x)
     outside_low = x <= low if signed else x < 0
     reference = {"y": ops.forward(xq, wq) + b.view(ops.bias_shape),
                  "dx": dx_clipped * ((x < alpha) & ~outside_low),
-                 "dw": ops.wgrad(_grad_log(g, wgrad_format), xq, w)}
+                 "dw": ops.wgrad(_grad_log(g, wgrad_format, rounding), xq, w)}
     if not signed:
         reference["dalpha"] = dx_clipped[x >= alpha].sum()
     return reference
