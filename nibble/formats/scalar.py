@@ -97,6 +97,16 @@ class ScalarQuantLinear(QuantizedLinear):
         return scalar8_ckernel(self.qweight, self.scales, self.zero_points(), self.in_features, self.group_size,
                                self.bias)
 
+    def runtime_linear(self):
+        """``x -> y`` for the runtime's torch step: 8-bit weights on the CPU through the C entry
+        points (no dense copy of the weight per call); otherwise ``forward``."""
+        kernel = self.runtime_ckernel() if self.qweight.device.type == "cpu" else None
+        if kernel is None:
+            return self.forward
+        from nibble.kernels.cpu.ckernel import ckernel_callable
+
+        return ckernel_callable(kernel, self.out_features)
+
     def format_config(self) -> dict[str, Any]:
         return {"format": self.format_name, "in_features": self.in_features,
                 "out_features": self.out_features, "bits": self.bits, "group_size": self.group_size,

@@ -127,3 +127,13 @@ def test_scalar8_entry_points_need_groups_of_eight_and_eight_bits(compiler):
     assert random_scalar8(16, 36, 12, False, False).runtime_ckernel() is None  # groups of 12
     four_bit = RTNQuantizer(RTNConfig(bits=4, group_size=32)).quantize_layer("l", nn.Linear(64, 8), None)
     assert four_bit.runtime_ckernel() is None
+
+
+@pytest.mark.parametrize("shape", [(3, 192), (2, 5, 192)])
+def test_scalar8_runtime_linear_matches_the_dequantized_weight(compiler, data, shape):
+    layer = random_scalar8(200, 192, 64, symmetric=False, bias=True)
+    x = torch.randn(shape)
+    expected = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
+    got = layer.runtime_linear()(x)
+    assert got.shape == expected.shape
+    data.assert_close(got, expected, torch.float32)

@@ -115,3 +115,30 @@ def scalar8_ckernel(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
                    prepare=_address(library, "nb_scalar8_prepare"),
                    workspace_per_row=library.nb_scalar8_workspace_per_row(ctypes.byref(args)),
                    chunk=ROWS_PER_TASK, keep_alive=(args, q, scales32, zeros32, bias32))
+
+
+_PREPARE = ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_int64, c_int64, c_void_p, c_int64, c_int64)
+_COMPUTE = ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_int64, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_int64)
+
+
+def ckernel_callable(kernel, out_features: int):
+    """``x -> y`` running a split-by-outputs ``CKernel`` from Python on the calling thread (float32
+    CPU input of any leading shape): the torch step's way to use a format's C entry points, e.g.
+    for a prompt through an 8-bit output head, which would otherwise be decoded to a dense matrix
+    on every call."""
+    prepare = _PREPARE(kernel.prepare) if kernel.prepare else None
+    compute = _COMPUTE(kernel.compute)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+        y = torch.empty(rows.shape[0], out_features)
+        workspace = torch.empty(max(1, kernel.workspace_per_row * rows.shape[0]))
+        for part in range(kernel.prepare_parts if prepare else 0):
+            prepare(kernel.context, rows.data_ptr(), rows.shape[1], rows.shape[0], workspace.data_ptr(), part,
+                    kernel.prepare_parts)
+        compute(kernel.context, rows.data_ptr(), rows.shape[1], workspace.data_ptr(), y.data_ptr(), out_features,
+                rows.shape[0], 0, out_features)
+        return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
+    call.keep_alive = kernel  # the kernel's tensors live as long as the callable
+    return call
+
