@@ -7,8 +7,11 @@
 // AQLM Kx8 (nb_aqlm_*): split by inputs, a part being a range of (code block, output row) pairs;
 // `ctx` is an AqlmArgs (kernels.h) whose x, batch and y fields are unused.
 // Scalar 8-bit (nb_scalar8_*): bytes q[o, i] with a scale and a zero point per group of inputs;
-// `prepare` sums x over each group, so that a group costs one integer-weight dot product.
+// `prepare` sums x over each group and rounds x to 14-bit integers (one scale per input row), so
+// that a group costs one integer dot product (x's rounding error is at most max|x| / 16382 per
+// input, far below the 8-bit weights' own error).
 
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -21,11 +24,44 @@
 namespace nibble {
 namespace {
 
+// Layers with fewer output rows than this decode their weights instead of building lookup tables:
+// a block's tables cost about as much as 560 rows of lookups (~1.9 µs against ~3.4 ns per row for
+// 2x8 on Zen 3), while decoding a row of a block costs ~5.6 ns (M codeword loads and adds and one
+// FMA per group); measured break-even ~850 rows, so q/k/v/o of SmolLM2 (192-576 rows) decode and
+// its MLP (1536 rows) looks up.
+constexpr int64_t kDecodeBelowRows = 768;
+
+// Rows [r0, r1) of one block of 8-wide groups, by decoding: each group's weights are the sum of its
+// M codewords, multiplied with x's group (held in registers for the whole block).
+template <int M>
+inline void decode_block_8(const AqlmArgs& p, const float* x, int64_t block, const uint8_t* codes, int64_t r0,
+                           int64_t r1, float* acc) {
+  constexpr int K = kBlockGroups * M;
+  v8f xs[kBlockGroups];
+  for (int j = 0; j < kBlockGroups; ++j) {
+    const int64_t group = block * kBlockGroups + j;
+    xs[j] = group < p.num_groups ? load8(x + group * 8) : splat8(0.f);
+  }
+  const uint8_t* c = codes + r0 * K;
+  for (int64_t o = r0; o < r1; ++o, c += K) {
+    v8f even = splat8(0.f), odd = splat8(0.f);
+#pragma GCC unroll 8
+    for (int j = 0; j < kBlockGroups; ++j) {
+      v8f w = load8(p.codebooks + int64_t(c[j * M]) * 8);
+#pragma GCC unroll 4
+      for (int m = 1; m < M; ++m) w += load8(p.codebooks + (int64_t(m) * kCodewords + c[j * M + m]) * 8);
+      if (j % 2) odd += w * xs[j]; else even += w * xs[j];
+    }
+    acc[o] += hsum8(even + odd);
+  }
+}
+
 // Part `part` of `parts` of one AQLM layer for every input row: its share of the (code block,
 // output row) pairs, taken in the blocked layout's order ([block][out][K]) so that a part's codes
 // are one contiguous stream and the parts are equal to within one row, whatever the number of
 // blocks. A block's tables are built just before its lookups, so they are still in L1 for every
-// output row of the part; a block that two parts share is built by both. The bias goes in part 0.
+// output row of the part; a block that two parts share is built by both. Small layers decode their
+// weights instead (kDecodeBelowRows). The bias goes in part 0.
 template <int M, int G>
 void split_rows(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t rows, float* y, int64_t y_stride,
                 int64_t part, int64_t parts) {
@@ -35,9 +71,15 @@ void split_rows(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t row
   float* tables = scratch(size_t(rows) * K * kCodewords);
   const auto* codes = static_cast<const uint8_t*>(p.codes);
   for (int64_t r = 0; r < rows; ++r) std::fill(y + r * y_stride, y + r * y_stride + p.out, 0.f);
+  const bool decode = G == 8 && p.out < kDecodeBelowRows;
   for (int64_t block = begin / p.out; block * p.out < end; ++block) {
     const int64_t r0 = std::max(begin - block * p.out, int64_t(0));
     const int64_t r1 = std::min(end - block * p.out, p.out);
+    if (decode) {
+      for (int64_t r = 0; r < rows; ++r)
+        decode_block_8<M>(p, x + r * x_stride, block, codes + block * p.out * K, r0, r1, y + r * y_stride);
+      continue;
+    }
     for (int64_t r = 0; r < rows; ++r) {
       AqlmArgs row = p;
       row.x = x + r * x_stride;
@@ -61,31 +103,35 @@ void split_dispatch(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t
     split_rows<M, 0>(p, x, x_stride, rows, y, y_stride, part, parts);
 }
 
-// 8 bytes widened to 8 floats (one vpmovzxbd + vcvtdq2ps on AVX2; gcc scalarises the generic form).
-inline v8f load8_u8(const uint8_t* p) {
-#if defined(__AVX2__)
-  const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  v8f v;
-  std::memcpy(&v, &f, sizeof v);
-  return v;
-#else
-  typedef uint8_t v8u8 __attribute__((vector_size(8)));
-  v8u8 q;
-  std::memcpy(&q, p, sizeof q);
-  return __builtin_convertvector(q, v8f);
-#endif
-}
+// x as 14-bit integers: |x_q| <= 8191, so a pair of u8 x int16 products is at most 4.2e6 and an
+// int32 lane can take 256 of them before its sum is moved to float.
+constexpr int kXBits = 14;
+constexpr int64_t kFlushEvery = 256;  // 16-weight steps per int32 partial sum
 
-// sum_i q[i] * x[i] over n inputs, n a multiple of 8.
-inline float dot_u8(const uint8_t* q, const float* x, int64_t n) {
-  v8f a0 = splat8(0.f), a1 = splat8(0.f);
+// sum_i q[i] * x[i] over n inputs, n a multiple of 8: u8 weights widened to int16, one vpmaddwd
+// per 16 weights (AVX2), the int32 lanes added into a float every kFlushEvery steps.
+inline float dot_u8_i16(const uint8_t* q, const int16_t* x, int64_t n) {
+  float total = 0.f;
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    a0 += load8_u8(q + i) * load8(x + i);
-    a1 += load8_u8(q + i + 8) * load8(x + i + 8);
+#if defined(__AVX2__)
+  while (i + 16 <= n) {
+    __m256i acc = _mm256_setzero_si256();
+    const int64_t stop = std::min(n - n % 16, i + 16 * kFlushEvery);
+    for (; i < stop; i += 16) {
+      const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(w, v));
+    }
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+    int64_t sum = 0;
+    for (int32_t lane : lanes) sum += lane;
+    total += float(sum);
   }
-  if (i < n) a0 += load8_u8(q + i) * load8(x + i);
-  return hsum8(a0 + a1);
+#endif
+  int64_t tail = 0;
+  for (; i < n; ++i) tail += int64_t(q[i]) * x[i];
+  return total + float(tail);
 }
 
 }  // namespace
@@ -97,6 +143,18 @@ struct Scalar8Args {
   const float* zeros;   // [out, in / group_size], in units of q
   const float* bias;    // [out] or null
 };
+
+// Per input row, after the group sums in the workspace: one scale S (max|x| / 8191) and x / S
+// rounded to int16.
+struct QuantizedRow {
+  float* scale;
+  int16_t* values;
+};
+
+inline QuantizedRow quantized_row(const Scalar8Args& p, float* workspace_row) {
+  float* scale = workspace_row + p.in / p.group_size;
+  return {scale, reinterpret_cast<int16_t*>(scale + 1)};
+}
 
 }  // namespace nibble
 
@@ -118,38 +176,53 @@ void nb_aqlm_split(void* ctx, const float* x, int64_t x_stride, int64_t rows, fl
   }
 }
 
-// Floats of workspace one input row needs: the sum of x over each group.
+// Workspace of one input row: the sum of x over each group, x's scale, then x as int16 values.
 int64_t nb_scalar8_workspace_per_row(const void* ctx) {
   const auto& p = *static_cast<const nibble::Scalar8Args*>(ctx);
-  return p.in / p.group_size;
+  return p.in / p.group_size + 1 + (p.in + 1) / 2;
 }
 
+// Each part sums x over its groups and rounds its groups' x to int16 with the row's scale (every
+// part finds the same max|x|, so the parts agree).
 void nb_scalar8_prepare(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace, int64_t part,
                         int64_t parts) {
   const auto& p = *static_cast<const nibble::Scalar8Args*>(ctx);
   const int64_t groups = p.in / p.group_size;
-  for (int64_t r = 0; r < rows; ++r)
+  const int64_t per_row = nb_scalar8_workspace_per_row(ctx);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * x_stride;
+    float amax = 0.f;
+    for (int64_t i = 0; i < p.in; ++i) amax = std::max(amax, std::fabs(xr[i]));
+    const nibble::QuantizedRow row = nibble::quantized_row(p, workspace + r * per_row);
+    *row.scale = amax > 0.f ? amax / float((1 << (nibble::kXBits - 1)) - 1) : 1.f;
+    const float inverse = 1.f / *row.scale;
     for (int64_t g = groups * part / parts; g < groups * (part + 1) / parts; ++g) {
-      const float* xg = x + r * x_stride + g * p.group_size;
+      const float* xg = xr + g * p.group_size;
       float total = 0.f;
-      for (int64_t i = 0; i < p.group_size; ++i) total += xg[i];
-      workspace[r * groups + g] = total;
+      for (int64_t i = 0; i < p.group_size; ++i) {
+        total += xg[i];
+        row.values[g * p.group_size + i] = static_cast<int16_t>(std::lrint(xg[i] * inverse));
+      }
+      workspace[r * per_row + g] = total;
     }
+  }
 }
 
-void nb_scalar8_compute(void* ctx, const float* x, int64_t x_stride, const float* workspace, float* y,
+// y = sum_g s_g (S * sum q x_q - z_g sum x): the integer dot products take x as int16 (x_q = x / S).
+void nb_scalar8_compute(void* ctx, const float* /*x*/, int64_t /*x_stride*/, const float* workspace, float* y,
                         int64_t y_stride, int64_t rows, int64_t begin, int64_t end) {
   const auto& p = *static_cast<const nibble::Scalar8Args*>(ctx);
   const int64_t groups = p.in / p.group_size;
+  const int64_t per_row = nb_scalar8_workspace_per_row(ctx);
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * x_stride;
-    const float* sums = workspace + r * groups;
+    const float* sums = workspace + r * per_row;
+    const nibble::QuantizedRow row = nibble::quantized_row(p, const_cast<float*>(sums));
     for (int64_t o = begin; o < end; ++o) {
       const uint8_t* q = p.q + o * p.row_bytes;
       float total = p.bias ? p.bias[o] : 0.f;
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t at = g * p.group_size;
-        const float dot = nibble::dot_u8(q + at, xr + at, p.group_size);
+        const float dot = *row.scale * nibble::dot_u8_i16(q + at, row.values + at, p.group_size);
         total += p.scales[o * groups + g] * (dot - p.zeros[o * groups + g] * sums[g]);
       }
       y[r * y_stride + o] = total;
