@@ -127,24 +127,47 @@ nibble::WorkPool& pool_for(int64_t threads) {
     return pool;
 }
 
-// One part per thread: each part's partial sums go to its own slice of lin.partials, then add up.
-void run_split(const NbModel& m, const NbLinear& lin, const float* x, int64_t x_stride, float* y, int64_t y_stride,
-               nibble::WorkPool& pool) {
-    const int64_t parts = std::max<int64_t>(1, std::min(lin.split_parts, m.threads));
-    if (parts == 1) {
-        lin.split(lin.ctx, x, x_stride, m.batch, y, y_stride, 0, 1);
-        return;
-    }
+int64_t split_parts(const NbModel& m, const NbLinear& lin) {
+    return std::max<int64_t>(1, std::min(lin.split_parts, m.threads));
+}
+
+// y = the sum of `lin`'s parts, each in its own slice of lin.partials.
+void add_up_parts(const NbModel& m, const NbLinear& lin, int64_t parts, float* y, int64_t y_stride) {
     const int64_t out = lin.out_features, slice = m.batch * out;
-    pool.run(parts, [&](int64_t part) {
-        lin.split(lin.ctx, x, x_stride, m.batch, lin.partials + part * slice, out, part, parts);
-    });
     for (int64_t r = 0; r < m.batch; ++r) {
         float* yr = y + r * y_stride;
         const float* first = lin.partials + r * out;
         std::memcpy(yr, first, out * sizeof(float));
         for (int64_t part = 1; part < parts; ++part)
             for (int64_t o = 0; o < out; ++o) yr[o] += first[part * slice + o];
+    }
+}
+
+// Split-by-inputs linears that read the same x (q, k and v; gate and up) in one pool job: one part
+// per thread of each, so the threads meet once per group instead of once per linear. With one
+// part a linear writes y directly.
+void run_split_group(const NbModel& m, const NbLinear* group, int64_t count, const float* x, int64_t x_stride,
+                     float* y, int64_t y_stride, nibble::WorkPool& pool) {
+    int64_t first_task[4] = {0, 0, 0, 0}, offsets[4] = {0, 0, 0, 0}, tasks = 0, offset = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        first_task[i] = tasks, offsets[i] = offset;
+        tasks += split_parts(m, group[i]);
+        offset += group[i].out_features;
+    }
+    pool.run(tasks, [&](int64_t task) {
+        int64_t i = count - 1;
+        while (first_task[i] > task) --i;
+        const NbLinear& lin = group[i];
+        const int64_t part = task - first_task[i], parts = split_parts(m, lin);
+        if (parts == 1)
+            lin.split(lin.ctx, x, x_stride, m.batch, y + offsets[i], y_stride, 0, 1);
+        else
+            lin.split(lin.ctx, x, x_stride, m.batch, lin.partials + part * m.batch * lin.out_features,
+                      lin.out_features, part, parts);
+    });
+    for (int64_t i = 0; i < count; ++i) {
+        const int64_t parts = split_parts(m, group[i]);
+        if (parts > 1) add_up_parts(m, group[i], parts, y + offsets[i], y_stride);
     }
 }
 
@@ -156,7 +179,7 @@ void run_linear(const NbModel& m, const NbLinear& lin, const float* x, int64_t x
     }
     nibble::WorkPool& pool = pool_for(m.threads);
     if (lin.split) {
-        run_split(m, lin, x, x_stride, y, y_stride, pool);
+        run_split_group(m, &lin, 1, x, x_stride, y, y_stride, pool);
         return;
     }
     const int64_t parts = std::max<int64_t>(lin.prepare_parts, 1);
@@ -249,6 +272,10 @@ void normalize_rows(const NbModel& m, const float* weight) {
 
 // Run a group of linears (one fused, or several side by side) from h into `out` (row width `width`).
 void run_group(const NbModel& m, const NbLinear* group, int64_t count, float* out, int64_t width) {
+    if (std::all_of(group, group + count, [](const NbLinear& lin) { return lin.split != nullptr; })) {
+        run_split_group(m, group, count, m.h, m.hidden, out, width, pool_for(m.threads));
+        return;
+    }
     int64_t offset = 0;
     for (int64_t i = 0; i < count; ++i) {
         run_linear(m, group[i], m.h, m.hidden, out + offset, width);
