@@ -124,7 +124,8 @@ class _QuantizedMixin:
     def _init_alpha(self, x: torch.Tensor) -> None:
         signed = bool((x < 0).any())
         self.pact_signed.fill_(signed)
-        self.alpha.fill_(init_pact_alpha(x, PACT_BITS, signed))
+        if not signed:  # signed inputs take the SAWB clip of each batch instead
+            self.alpha.fill_(init_pact_alpha(x, PACT_BITS, signed))
         self.alpha_ready.fill_(True)
 
 

@@ -16,8 +16,8 @@ from nibble.runtime import build_runtime, native
 from nibble.runtime.linears import prepare_linear
 
 CONFIGS = [(1, 8), (2, 8), (3, 8), (4, 8), (2, 6)]  # (codebooks, bits per codebook)
-SHAPES = [(13, 40), (64, 64), (300, 576), (800, 72)]  # (out, in); 40, 576 and 72 are not whole blocks of 8 groups;
-# layers of 768 rows or more use lookup tables, smaller ones decode their weights (runtime_abi.cpp)
+SHAPES = [(13, 40), (64, 64), (300, 576), (1400, 72)]  # (out, in); 40, 576 and 72 are not whole blocks of 8
+# groups; 1400 rows take lookup tables for every config, the others decode (aqlm_decode_preferred)
 
 
 @pytest.fixture(scope="module")

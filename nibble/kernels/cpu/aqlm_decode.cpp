@@ -8,23 +8,12 @@
 #include <algorithm>
 #include <atomic>
 
-#include "kernels.h"
-#include "simd.h"
+#include "aqlm_lut.h"
 
 namespace nibble {
 namespace {
 
-constexpr int kGroup = 8;  // input group size this kernel takes: one 8-float vector per codeword
 constexpr int64_t kMinWorkPerThread = 100000;  // codeword loads, about 30 µs
-
-// The sum of codewords of one group: 8 floats.
-template <int M, class Code>
-inline v8f codeword_sum(const float* books, int64_t book_size, const Code* code) {
-  v8f w = load8(books + int64_t(code[0]) * kGroup);
-#pragma GCC unroll 4
-  for (int m = 1; m < M; ++m) w += load8(books + (m * book_size + code[m]) * kGroup);
-  return w;
-}
 
 // Rows [r0, r1) and columns [c0, c0 + NC) of y. Two accumulators per column (even and odd
 // groups) keep two multiply-add chains in flight.
@@ -32,7 +21,7 @@ template <int M, int NC, class Code>
 void decode_rows(const AqlmArgs& p, int64_t c0, int64_t r0, int64_t r1) {
   constexpr int K = kBlockGroups * M;
   const int64_t book_size = p.codebook_size;
-  const int64_t in = p.num_groups * kGroup;
+  const int64_t in = p.num_groups * kDecodeGroup;
   const float* x[NC];
   for (int c = 0; c < NC; ++c) x[c] = p.x + (c0 + c) * in;
   for (int64_t o = r0; o < r1; ++o) {
@@ -46,13 +35,13 @@ void decode_rows(const AqlmArgs& p, int64_t c0, int64_t r0, int64_t r1) {
         const v8f w0 = codeword_sum<M>(p.codebooks, book_size, code + jj * M);
         const v8f w1 = codeword_sum<M>(p.codebooks, book_size, code + (jj + 1) * M);
         for (int c = 0; c < NC; ++c) {
-          even[c] += w0 * load8(x[c] + (j0 + jj) * kGroup);
-          odd[c] += w1 * load8(x[c] + (j0 + jj + 1) * kGroup);
+          even[c] += w0 * load8(x[c] + (j0 + jj) * kDecodeGroup);
+          odd[c] += w1 * load8(x[c] + (j0 + jj + 1) * kDecodeGroup);
         }
       }
       if (jj < groups) {
         const v8f w = codeword_sum<M>(p.codebooks, book_size, code + jj * M);
-        for (int c = 0; c < NC; ++c) even[c] += w * load8(x[c] + (j0 + jj) * kGroup);
+        for (int c = 0; c < NC; ++c) even[c] += w * load8(x[c] + (j0 + jj) * kDecodeGroup);
       }
     }
     const float shift = p.bias ? p.bias[o] : 0.f;
@@ -89,11 +78,6 @@ void run_decode(const AqlmArgs& p) {
 }
 
 }  // namespace
-
-// Measured on Zen 3 with 2 codebooks: tables and decoding break even near 600 rows.
-bool aqlm_decode_preferred(const AqlmArgs& p) {
-  return p.group_size == kGroup && (p.codebook_size > 256 || p.out < 320 * p.num_codebooks);
-}
 
 void aqlm_decode_linear(const AqlmArgs& p) {
   switch (p.num_codebooks) {

@@ -1,5 +1,7 @@
-// The one-column core of the AQLM Kx8 lookup-table kernel, shared by the torch op (aqlm_lut.cpp)
-// and the C entry points of the decode runtime (aqlm_runtime.cpp). No torch headers, no threads.
+// The cores of the AQLM kernels shared by the torch ops (aqlm_lut.cpp, aqlm_decode.cpp) and the C
+// entry points of the decode runtime (runtime_abi.cpp): one column of the Kx8 lookup-table kernel,
+// the codeword sum of the decoding kernel, and the rule that picks between them. No torch
+// headers, no threads.
 #pragma once
 
 #include <algorithm>
@@ -12,6 +14,23 @@
 namespace nibble {
 
 constexpr int kCodewords = 256;
+constexpr int kDecodeGroup = 8;  // input group size of the decoding kernels: one 8-float vector
+
+// Decoding beats lookup tables for codebooks wider than 8 bits (no tables possible) and when few
+// rows would share the tables: measured on Zen 3 with 2 codebooks, the two break even near 600
+// rows in the torch op and ~850 in the decode runtime's entry points.
+inline bool aqlm_decode_preferred(const AqlmArgs& p) {
+  return p.group_size == kDecodeGroup && (p.codebook_size > kCodewords || p.out < 320 * p.num_codebooks);
+}
+
+// The sum of the M codewords of one group: 8 floats.
+template <int M, class Code>
+inline v8f codeword_sum(const float* books, int64_t book_size, const Code* code) {
+  v8f w = load8(books + int64_t(code[0]) * kDecodeGroup);
+#pragma GCC unroll 4
+  for (int m = 1; m < M; ++m) w += load8(books + (m * book_size + code[m]) * kDecodeGroup);
+  return w;
+}
 
 // One column: table k holds <x_j, codebook_m[c]> for c in 0..255, vectorised over c.
 // G > 0 fixes the group size at compile time (the common g = 8), G == 0 reads it from p.

@@ -3,8 +3,9 @@
 Each function describes one layer's tensors in a C struct and returns the ``CKernel`` the decode
 step calls with no Python in between, or None when the kernel does not apply:
 
-- ``aqlm_ckernel``: AQLM Kx8 lookup tables, split by inputs (``nb_aqlm_split``: each thread takes
-  a range of code blocks, builds their tables and sums them for every output row);
+- ``aqlm_ckernel``: AQLM Kx8, split by inputs (``nb_aqlm_split``: each thread takes an equal share
+  of the (code block, output row) pairs and builds a block's lookup tables right before using
+  them, or decodes the weights of layers with few rows);
 - ``scalar8_ckernel``: 8-bit integer weights with a scale and zero point per group (e.g. an
   output head quantized for decoding).
 """
@@ -141,4 +142,3 @@ def ckernel_callable(kernel, out_features: int):
         return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
     call.keep_alive = kernel  # the kernel's tensors live as long as the callable
     return call
-

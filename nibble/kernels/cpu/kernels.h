@@ -27,11 +27,10 @@ struct AqlmArgs {
   float* y;                  // [batch, out]
 };
 
-// Lookup tables (aqlm_lut.cpp, 256 codewords) or decoding (aqlm_decode.cpp, groups of 8); decoding
-// is preferred for codebooks wider than 8 bits and when few rows would share the tables.
+// Lookup tables (aqlm_lut.cpp, 256 codewords) or decoding (aqlm_decode.cpp, groups of 8); which
+// one: aqlm_decode_preferred (aqlm_lut.h).
 void aqlm_lut_linear(const AqlmArgs& args);
 void aqlm_decode_linear(const AqlmArgs& args);
-bool aqlm_decode_preferred(const AqlmArgs& args);
 
 // y[b, o] = sum_i s[o, i/gs] * (q[o, i] - z[o, i/gs]) * x[b, i] + bias[o], q packed as a
 // little-endian bitstream of `bits`-bit values (bits 2 or 4) in int32 words along the input.

@@ -9,6 +9,7 @@
 #include <optional>
 #include <vector>
 
+#include "aqlm_lut.h"
 #include "kernels.h"
 
 namespace {

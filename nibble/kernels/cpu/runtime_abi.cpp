@@ -24,13 +24,6 @@
 namespace nibble {
 namespace {
 
-// Layers with fewer output rows than this decode their weights instead of building lookup tables:
-// a block's tables cost about as much as 560 rows of lookups (~1.9 µs against ~3.4 ns per row for
-// 2x8 on Zen 3), while decoding a row of a block costs ~5.6 ns (M codeword loads and adds and one
-// FMA per group); measured break-even ~850 rows, so q/k/v/o of SmolLM2 (192-576 rows) decode and
-// its MLP (1536 rows) looks up.
-constexpr int64_t kDecodeBelowRows = 768;
-
 // Rows [r0, r1) of one block of 8-wide groups, by decoding: each group's weights are the sum of its
 // M codewords, multiplied with x's group (held in registers for the whole block).
 template <int M>
@@ -40,16 +33,14 @@ inline void decode_block_8(const AqlmArgs& p, const float* x, int64_t block, con
   v8f xs[kBlockGroups];
   for (int j = 0; j < kBlockGroups; ++j) {
     const int64_t group = block * kBlockGroups + j;
-    xs[j] = group < p.num_groups ? load8(x + group * 8) : splat8(0.f);
+    xs[j] = group < p.num_groups ? load8(x + group * kDecodeGroup) : splat8(0.f);
   }
   const uint8_t* c = codes + r0 * K;
   for (int64_t o = r0; o < r1; ++o, c += K) {
     v8f even = splat8(0.f), odd = splat8(0.f);
 #pragma GCC unroll 8
     for (int j = 0; j < kBlockGroups; ++j) {
-      v8f w = load8(p.codebooks + int64_t(c[j * M]) * 8);
-#pragma GCC unroll 4
-      for (int m = 1; m < M; ++m) w += load8(p.codebooks + (int64_t(m) * kCodewords + c[j * M + m]) * 8);
+      const v8f w = codeword_sum<M>(p.codebooks, kCodewords, c + j * M);
       if (j % 2) odd += w * xs[j]; else even += w * xs[j];
     }
     acc[o] += hsum8(even + odd);
@@ -61,17 +52,17 @@ inline void decode_block_8(const AqlmArgs& p, const float* x, int64_t block, con
 // are one contiguous stream and the parts are equal to within one row, whatever the number of
 // blocks. A block's tables are built just before its lookups, so they are still in L1 for every
 // output row of the part; a block that two parts share is built by both. Small layers decode their
-// weights instead (kDecodeBelowRows). The bias goes in part 0.
+// weights instead (aqlm_decode_preferred). The bias goes in part 0.
 template <int M, int G>
 void split_rows(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t rows, float* y, int64_t y_stride,
                 int64_t part, int64_t parts) {
   constexpr int K = kBlockGroups * M;
   const int64_t total = p.num_blocks * p.out;
   const int64_t begin = total * part / parts, end = total * (part + 1) / parts;
-  float* tables = scratch(size_t(rows) * K * kCodewords);
+  const bool decode = aqlm_decode_preferred(p);
+  float* tables = decode ? nullptr : scratch(size_t(rows) * K * kCodewords);
   const auto* codes = static_cast<const uint8_t*>(p.codes);
   for (int64_t r = 0; r < rows; ++r) std::fill(y + r * y_stride, y + r * y_stride + p.out, 0.f);
-  const bool decode = G == 8 && p.out < kDecodeBelowRows;
   for (int64_t block = begin / p.out; block * p.out < end; ++block) {
     const int64_t r0 = std::max(begin - block * p.out, int64_t(0));
     const int64_t r1 = std::min(end - block * p.out, p.out);
