@@ -6,7 +6,7 @@ hits all of them alike, and the table shows medians and the ratio to transformer
 the fp32 model measured in the same run.
 
     NIBBLE_DATA=../shared/data python benchmarks/decode.py [--tokens 64] [--repeats 5] [--threads 2,1]
-        [--aqlm DIR [--head-bits 8]] [--torch-backend] [--no-llama-cpp]
+        [--aqlm DIR [--head-bits 8 4]] [--torch-backend] [--no-llama-cpp]
 
 Decode tok/s counts the tokens after the first (each costs one forward of one token); prompt tok/s
 is prompt length / time to the first token. A run stops early after ``--max-seconds`` of decoding
@@ -107,11 +107,11 @@ def build_engines(args) -> tuple[list[Engine], list[int]]:
     paths = None if args.no_llama_cpp else llama_cpp_files(model, tokenizer, resolve_spec("smollm2-135m"))
     torch_model = load_model("smollm2-135m") if args.torch_backend else None
     aqlm_model = load_model(args.aqlm) if args.aqlm else None
-    aqlm_head8 = None
-    if args.aqlm and args.head_bits:
+    rounded_heads = {}  # bits -> the AQLM model with its head rounded to that many bits
+    if args.aqlm:
         from nibble.runtime.head import quantize_head
 
-        aqlm_head8 = quantize_head(load_model(args.aqlm), args.head_bits)
+        rounded_heads = {bits: quantize_head(load_model(args.aqlm), bits) for bits in args.head_bits}
     engines = []
     for threads in args.threads:
         engines += [transformers_engine(model, threads, args.max_seconds), nibble_engine(model, "fp32", threads)]
@@ -119,8 +119,8 @@ def build_engines(args) -> tuple[list[Engine], list[int]]:
             engines.append(nibble_engine(torch_model, "fp32", threads, backend="torch"))
         if aqlm_model is not None:
             engines.append(nibble_engine(aqlm_model, Path(args.aqlm).name, threads))
-        if aqlm_head8 is not None:
-            engines.append(nibble_engine(aqlm_head8, f"{Path(args.aqlm).name} + int{args.head_bits} head", threads))
+        for bits, rounded in rounded_heads.items():
+            engines.append(nibble_engine(rounded, f"{Path(args.aqlm).name} + int{bits} head", threads))
         for name, path in (paths or {}).items():
             engines.append(llama_cpp_engine(path, name, threads, args.max_seconds))
     return engines, prompt
@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=30.0,
                         help="stop a run's decoding after this long (slow engines on a busy machine)")
     parser.add_argument("--aqlm", default=None, help="nibble checkpoint folder to add (e.g. AQLM 2x8)")
-    parser.add_argument("--head-bits", type=int, default=None, choices=(8,),
-                        help="also run the --aqlm model with its head rounded to 8 bits (nibble.runtime.head)")
+    parser.add_argument("--head-bits", type=int, nargs="*", default=[], choices=(8, 4),
+                        help="also run the --aqlm model with its head rounded to each of these bit widths "
+                             "(nibble.runtime.head, default group sizes)")
     parser.add_argument("--torch-backend", action="store_true", help="add nibble's eager-torch backend row")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows")
     args = parser.parse_args(argv)

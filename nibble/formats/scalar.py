@@ -89,17 +89,15 @@ class ScalarQuantLinear(QuantizedLinear):
         return scalar_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.bias)
 
     def runtime_ckernel(self):
-        """C entry points for the runtime's C++ decode step: 8-bit weights only (None otherwise)."""
-        if self.bits != 8:
-            return None
-        from nibble.kernels.cpu.ckernel import scalar8_ckernel
+        """C entry points for the runtime's C++ decode step: 8- and 4-bit weights (None otherwise)."""
+        from nibble.kernels.cpu.ckernel import scalar_ckernel
 
-        return scalar8_ckernel(self.qweight, self.scales, self.zero_points(), self.in_features, self.group_size,
-                               self.bias)
+        return scalar_ckernel(self.qweight, self.scales, self.zero_points(), self.in_features, self.group_size,
+                              self.bits, self.bias)
 
     def runtime_linear(self):
-        """``x -> y`` for the runtime's torch step: 8-bit weights on the CPU through the C entry
-        points (no dense copy of the weight per call); otherwise ``forward``."""
+        """``x -> y`` for the runtime's torch step: 8- and 4-bit weights on the CPU through the C
+        entry points (no dense copy of the weight per call); otherwise ``forward``."""
         kernel = self.runtime_ckernel() if self.qweight.device.type == "cpu" else None
         if kernel is None:
             return self.forward

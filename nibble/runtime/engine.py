@@ -13,6 +13,7 @@ from torch import nn
 from nibble.errors import UnsupportedArchitectureError
 from nibble.runtime.kv_cache import StaticKVCache
 from nibble.runtime.native import NativeUnavailable
+from nibble.runtime.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,23 @@ class DecodeRuntime:
         logits = self.step(batch, self.cache, all_logits)
         self.cache.length = start + steps
         return logits
+
+    def next_tokens(self, tokens: Sequence[int], sampler: Sampler) -> list[int]:
+        """Feed one token per row and return ``sampler``'s pick of the next token of each row.
+
+        What a generation loop does per token: ``sampler(feed(tokens))``, through the step's lean
+        path when it has one (the C++ step: no torch op between steps for greedy decoding).
+        """
+        if len(tokens) != self.batch_size:
+            raise ValueError(f"batch of {len(tokens)} rows fed to a runtime built for {self.batch_size}")
+        lean = getattr(self.step, "decode_token", None)
+        if lean is None:
+            with torch.inference_mode():
+                return sampler(self.feed(torch.tensor(tokens, device=self.device))).tolist()
+        start = self.cache.reserve(1)
+        picked = lean(tokens, start, self.pad_lengths, sampler)
+        self.cache.length = start + 1
+        return picked
 
     def _positions_and_mask(self, slots: torch.Tensor, start: int, steps: int):
         """``(positions [batch, T], mask or None, causal)`` for tokens going to cache ``slots``."""

@@ -1,4 +1,4 @@
-"""Token generation over a ``DecodeRuntime``: prefill once, then one ``feed`` per new token."""
+"""Token generation over a ``DecodeRuntime``: prefill once, then one ``next_tokens`` call per new token."""
 
 from __future__ import annotations
 
@@ -76,22 +76,22 @@ def generate(runtime: DecodeRuntime, prompts: Sequence[Sequence[int]], max_new_t
     result = GenerationResult([[] for _ in prompts], sum(len(p) for p in prompts), 0.0,
                               stopped=[False] * len(prompts))
     begin = time.perf_counter()
-    next_tokens = sampler(runtime.feed(tokens))
+    next_tokens = sampler(runtime.feed(tokens)).tolist()
     _record(result, next_tokens, stops, on_token)
     result.prefill_seconds = time.perf_counter() - begin
     begin = time.perf_counter()
     with runtime.token_loop():
         while result.decode_steps + 1 < max_new_tokens and not all(result.stopped):
-            next_tokens = sampler(runtime.feed(next_tokens))
+            next_tokens = runtime.next_tokens(next_tokens, sampler)
             result.decode_steps += 1
             _record(result, next_tokens, stops, on_token)
     result.decode_seconds = time.perf_counter() - begin
     return result
 
 
-def _record(result: GenerationResult, next_tokens: torch.Tensor, stops: set[int],
+def _record(result: GenerationResult, next_tokens: list[int], stops: set[int],
             on_token: TokenCallback | None) -> None:
-    for row, token in enumerate(next_tokens.tolist()):
+    for row, token in enumerate(next_tokens):
         if result.stopped[row]:
             continue
         result.tokens[row].append(token)

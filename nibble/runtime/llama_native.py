@@ -7,6 +7,7 @@ Python overhead is spread over many tokens. Both write the same ``StaticKVCache`
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from ctypes import POINTER, c_double, c_int64, c_void_p
 
 import torch
@@ -17,6 +18,7 @@ from nibble.runtime.kv_cache import StaticKVCache
 from nibble.runtime.linears import PreparedLinear
 from nibble.runtime.llama import LlamaTorchStep
 from nibble.runtime.native import NativeUnavailable, load_library
+from nibble.runtime.sampling import Sampler
 
 COMPUTE_FN = ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_int64, c_void_p, c_void_p, c_int64, c_int64, c_int64,
                               c_int64)
@@ -57,31 +59,61 @@ class LlamaNativeStep:
         self.scratch = self._allocate(model, max_len, cache.batch_size)
         self.struct = self._describe(model, max_len, cache)
         self.struct.threads = threads or torch.get_num_threads()
+        batch = cache.batch_size
+        self.token_slots = (c_int64 * batch).from_address(self.scratch["tokens"].data_ptr())
+        self.pick_slots = (c_int64 * batch).from_address(self.scratch["picks"].data_ptr())
 
     def __call__(self, batch: StepInput, cache: StaticKVCache, all_logits: bool = False) -> torch.Tensor:
         if batch.tokens.shape[1] != 1 or all_logits or cache is not self.cache:
             return self.torch_step(batch, cache, all_logits)
-        tokens = batch.tokens[:, 0].contiguous()
-        positions = batch.positions[:, 0].contiguous()
-        pads = batch.pad_lengths.contiguous()
-        token_ptr = tokens.data_ptr() if self.embed_native else None
+        self._decode(batch.tokens[:, 0], batch.positions[:, 0], batch.pad_lengths, batch.start)
+        return self.scratch["logits"].clone()
+
+    def decode_token(self, tokens: Sequence[int], start: int, pad_lengths: torch.Tensor,
+                     sampler: Sampler) -> list[int]:
+        """The next token of each row after ``tokens`` (one per row, written to cache slot ``start``).
+
+        The lean path of a generation loop, with no torch op when ``sampler`` is greedy: after a step
+        has streamed the weights through the caches, each torch call costs tens of microseconds.
+        Tokens go in and out through fixed buffers, positions are derived from ``pad_lengths`` in C,
+        and the pick is made in C from the logits buffer (a sampler reads that buffer in place).
+        """
+        if len(tokens) != self.struct.batch:
+            raise ValueError(f"{len(tokens)} tokens for a batch of {self.struct.batch}")
+        self.token_slots[:] = tokens
+        if not self.embed_native:
+            self.scratch["x"].copy_(self.torch_step.embed(self.scratch["tokens"]))
+        self._run(self.scratch["tokens"].data_ptr() if self.embed_native else None, None, pad_lengths, start)
+        logits = self.scratch["logits"]
+        if not sampler.config.greedy:
+            return sampler(logits).tolist()
+        self.library.nb_argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], self.scratch["picks"].data_ptr())
+        return self.pick_slots[:]
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, pad_lengths: torch.Tensor, slot: int) -> None:
+        """Run the C++ step for one token per row; the logits land in ``scratch["logits"]``."""
+        tokens, positions = tokens.to(torch.long).contiguous(), positions.contiguous()  # alive for the call
         if not self.embed_native:
             self.scratch["x"].copy_(self.torch_step.embed(tokens))
-        status = self.library.nb_llama_decode(ctypes.byref(self.struct), token_ptr, positions.data_ptr(),
-                                              pads.data_ptr(), batch.start)
+        self._run(tokens.data_ptr() if self.embed_native else None, positions.data_ptr(), pad_lengths, slot)
+
+    def _run(self, tokens: int | None, positions: int | None, pad_lengths: torch.Tensor, slot: int) -> None:
+        """The C++ step on token and position addresses (positions None: derived from the pads)."""
+        pads = pad_lengths.contiguous()
+        status = self.library.nb_llama_decode(ctypes.byref(self.struct), tokens, positions, pads.data_ptr(), slot)
         if self.error is not None:
             error, self.error = self.error, None
             raise error
         if status != 0:
             raise RuntimeError(f"C++ decode step failed with status {status}")
-        return self.scratch["logits"].clone()
 
     def _allocate(self, model: nn.Module, max_len: int, batch: int) -> dict[str, torch.Tensor]:
         s = self.torch_step.shape
         widths = {"x": s.hidden, "h": s.hidden, "qkv": (s.num_heads + 2 * s.num_kv_heads) * s.head_dim,
                   "attn": s.num_heads * s.head_dim, "mlp": 2 * model.config.intermediate_size,
                   "scores": s.num_heads * max_len, "logits": self.torch_step.lm_head.out_features}
-        return {name: torch.zeros(batch, width, dtype=torch.float32) for name, width in widths.items()}
+        buffers = {name: torch.zeros(batch, width, dtype=torch.float32) for name, width in widths.items()}
+        return buffers | {name: torch.zeros(batch, dtype=torch.long) for name in ("tokens", "picks")}
 
     def _describe(self, model: nn.Module, max_len: int, cache: StaticKVCache) -> NbModel:
         s, step, scratch = self.torch_step.shape, self.torch_step, self.scratch
@@ -100,7 +132,8 @@ class LlamaNativeStep:
             lm_head=self._linear(step.lm_head, scratch["h"], scratch["logits"]),
         )
         for name, tensor in scratch.items():
-            setattr(struct, name, tensor.data_ptr())
+            if tensor.dtype == torch.float32:
+                setattr(struct, name, tensor.data_ptr())
         return struct
 
     def _layer(self, layer) -> NbLayer:
@@ -165,4 +198,6 @@ def _check_native_inputs(cache: StaticKVCache) -> None:
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.nb_llama_decode.argtypes = [POINTER(NbModel), c_void_p, c_void_p, c_void_p, c_int64]
     library.nb_llama_decode.restype = c_int64
+    library.nb_argmax_rows.argtypes = [c_void_p, c_int64, c_int64, c_void_p]
+    library.nb_argmax_rows.restype = None
     return library

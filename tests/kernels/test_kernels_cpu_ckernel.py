@@ -104,16 +104,16 @@ def test_cpp_decode_step_with_aqlm_layers_matches_the_model(compiler, variant, t
     torch.testing.assert_close(runtime.feed(tokens[:, 5]), reference[:, 5], atol=1e-4, rtol=0)
 
 
-def random_scalar8(out_features: int, in_features: int, group_size: int, symmetric: bool, bias: bool):
+def random_scalar(out_features: int, in_features: int, group_size: int, symmetric: bool, bias: bool, bits: int = 8):
     from nibble.quantize.rtn import RTNConfig, RTNQuantizer
 
     linear = nn.Linear(in_features, out_features, bias=bias)
-    config = RTNConfig(bits=8, group_size=group_size, symmetric=symmetric)
+    config = RTNConfig(bits=bits, group_size=group_size, symmetric=symmetric)
     return RTNQuantizer(config).quantize_layer("layer", linear, None)
 
 
 def assert_within_x_rounding(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> None:
-    """The 8-bit kernels round x to 14-bit integers (scale max|x|/8191 per row): each output may
+    """The scalar kernels round x to 14-bit integers (scale max|x|/8191 per row): each output may
     differ from the float result by at most half a step times sum_i |W[o, i]| (plus float error)."""
     expected = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
     step = x.abs().amax(-1, keepdim=True).double() / 8191
@@ -123,32 +123,33 @@ def assert_within_x_rounding(got: torch.Tensor, x: torch.Tensor, weight: torch.T
     assert (got.double() - expected).abs().max() > 0  # x really is rounded: not the float path
 
 
-@pytest.mark.parametrize("group_size", [8, 64, -1])
+@pytest.mark.parametrize("bits,group_size", [(8, 8), (8, 64), (8, -1), (4, 32), (4, 64), (4, -1)])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_scalar8_entry_points_match_the_dequantized_weight(compiler, data, group_size, symmetric, rows):
-    layer = random_scalar8(200, 192, group_size, symmetric, bias=rows == 3)
+def test_scalar_entry_points_match_the_dequantized_weight(compiler, data, bits, group_size, symmetric, rows):
+    layer = random_scalar(200, 192, group_size, symmetric, bias=rows == 3, bits=bits)
     x = torch.randn(rows, 192)
     assert_within_x_rounding(call_kernel(layer.runtime_ckernel(), x, 200), x, layer.dequantize(), layer.bias)
 
 
-def test_scalar8_entry_points_flush_long_rows(compiler):
-    """9,000 inputs: more than 256 steps of 16 weights, so the int32 partial sums are flushed."""
-    layer = random_scalar8(16, 9000, -1, False, bias=False)
-    x = torch.randn(2, 9000) + 3.0  # same-sign inputs: the sums grow as fast as they can
+@pytest.mark.parametrize("bits", [8, 4])
+def test_scalar_entry_points_flush_long_rows(compiler, bits):
+    """9,024 inputs: more than 256 vpmaddwd steps, so the int32 partial sums are flushed."""
+    layer = random_scalar(16, 9024, -1, False, bias=False, bits=bits)
+    x = torch.randn(2, 9024) + 3.0  # same-sign inputs: the sums grow as fast as they can
     assert_within_x_rounding(call_kernel(layer.runtime_ckernel(), x, 16), x, layer.dequantize(), None)
 
 
-def test_scalar8_entry_points_need_groups_of_eight_and_eight_bits(compiler):
-    from nibble.quantize.rtn import RTNConfig, RTNQuantizer
+def test_scalar_entry_points_need_whole_groups_and_8_or_4_bits(compiler):
+    assert random_scalar(16, 36, 12, False, False).runtime_ckernel() is None  # 8 bits, groups of 12
+    assert random_scalar(8, 64, 16, False, False, bits=4).runtime_ckernel() is None  # 4 bits, groups of 16
+    assert random_scalar(8, 96, 64, False, False, bits=4).runtime_ckernel() is None  # 64 does not divide 96
+    assert random_scalar(8, 64, 32, False, False, bits=2).runtime_ckernel() is None
 
-    assert random_scalar8(16, 36, 12, False, False).runtime_ckernel() is None  # groups of 12
-    four_bit = RTNQuantizer(RTNConfig(bits=4, group_size=32)).quantize_layer("l", nn.Linear(64, 8), None)
-    assert four_bit.runtime_ckernel() is None
 
-
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("shape", [(3, 192), (2, 5, 192)])
-def test_scalar8_runtime_linear_matches_the_dequantized_weight(compiler, data, shape):
-    layer = random_scalar8(200, 192, 64, symmetric=False, bias=True)
+def test_scalar_runtime_linear_matches_the_dequantized_weight(compiler, data, bits, shape):
+    layer = random_scalar(200, 192, 64, symmetric=False, bias=True, bits=bits)
     x = torch.randn(shape)
     assert_within_x_rounding(layer.runtime_linear()(x), x, layer.dequantize(), layer.bias)

@@ -201,3 +201,42 @@ def test_c_kernels_are_called_from_the_cpp_step(tmp_path, monkeypatch):
     assert library.prepare_calls() == 0  # the prompt went through the torch step
     torch.testing.assert_close(runtime.feed(tokens[:, 5]), reference[:, 5], atol=1e-4, rtol=0)
     assert library.prepare_calls() == 2 * len(model.model.layers)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.8, top_k=20, seed=3)])
+def test_next_tokens_is_sampler_of_feed(backend: str, sampling: SamplingConfig):
+    model = make_llama()
+    prompts = torch.tensor([[0, 0, 4, 9], [3, 1, 4, 1]])
+    lean, plain = (build_runtime(model, max_len=16, batch_size=2, backend=backend) for _ in range(2))
+    for runtime in (lean, plain):
+        runtime.start([2, 0])
+        runtime.feed(prompts)
+    lean_sampler, plain_sampler = Sampler(sampling), Sampler(sampling)
+    tokens = [5, 6]
+    for _ in range(4):
+        picked = lean.next_tokens(tokens, lean_sampler)
+        assert picked == plain_sampler(plain.feed(torch.tensor(tokens))).tolist()
+        assert lean.cache.length == plain.cache.length
+        tokens = picked
+    with pytest.raises(ValueError, match="batch of 1 rows"):
+        lean.next_tokens([1], lean_sampler)
+
+
+@pytest.mark.parametrize("cols", [1, 7, 8, 29, 4096])
+def test_native_argmax_matches_torch_ties_and_nans(cols: int):
+    import ctypes
+
+    from nibble.runtime.native import load_library
+
+    library = load_library()
+    generator = torch.Generator().manual_seed(cols)
+    rows = torch.randint(-3, 4, (6, cols), generator=generator).float()  # few values: many ties
+    rows[1, cols // 2] = float("inf")
+    rows[2, -1] = float("nan")
+    rows[3, cols // 3] = float("nan")
+    rows[4] = float("-inf")
+    out = torch.full((6,), -1, dtype=torch.long)
+    library.nb_argmax_rows(ctypes.c_void_p(rows.data_ptr()), ctypes.c_int64(6), ctypes.c_int64(cols),
+                           ctypes.c_void_p(out.data_ptr()))
+    assert out.tolist() == rows.argmax(dim=-1).tolist()

@@ -40,6 +40,19 @@ def test_generate_prints_text_and_a_json_last_line(model_dir, capsys):
     assert payload["backend"] == "cpp"
 
 
+def test_head_bits_round_the_head_before_decoding(model_dir, capsys, monkeypatch):
+    from nibble.runtime import head
+
+    calls = []
+    real = head.quantize_head
+    monkeypatch.setattr(head, "quantize_head", lambda model, *args: calls.append(args) or real(model, *args))
+    run(["generate", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "4", "--head-bits", "4",
+         "--head-group-size", "32", "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_tokens"] == 4
+    run(["generate", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "4", "--head-bits", "8"])
+    assert calls == [(4, 32), (8, None)]
+
+
 def test_sampled_generation_is_seeded(model_dir, capsys):
     argv = ["generate", str(model_dir), "--prompt", "Hi", "--max-new-tokens", "8", "--temperature", "1.0",
             "--top-p", "0.9", "--seed", "3", "--backend", "torch", "--json"]

@@ -6,8 +6,8 @@ step calls with no Python in between, or None when the kernel does not apply:
 - ``aqlm_ckernel``: AQLM Kx8, split by inputs (``nb_aqlm_split``: each thread takes an equal share
   of the (code block, output row) pairs and builds a block's lookup tables right before using
   them, or decodes the weights of layers with few rows);
-- ``scalar8_ckernel``: 8-bit integer weights with a scale and zero point per group (e.g. an
-  output head quantized for decoding).
+- ``scalar_ckernel``: 8- or 4-bit integer weights with a scale and zero point per group (e.g. an
+  output head quantized for decoding, or a GPTQ/RTN layer).
 """
 
 from __future__ import annotations
@@ -38,11 +38,15 @@ class AqlmArgs(ctypes.Structure):
                 ("scales", c_void_p), ("bias", c_void_p), ("y", c_void_p)]
 
 
-class Scalar8Args(ctypes.Structure):
-    """Mirror of ``nibble::Scalar8Args`` (runtime_abi.cpp)."""
+class ScalarArgs(ctypes.Structure):
+    """Mirror of ``nibble::ScalarArgs`` (runtime_abi.cpp)."""
 
     _fields_ = [("q", c_void_p), ("row_bytes", c_int64), ("in_features", c_int64), ("out", c_int64),
-                ("group_size", c_int64), ("scales", c_void_p), ("zeros", c_void_p), ("bias", c_void_p)]
+                ("group_size", c_int64), ("bits", c_int64), ("scales", c_void_p), ("zeros", c_void_p),
+                ("bias", c_void_p)]
+
+
+SCALAR_BITS = {8: 8, 4: 32}  # code width -> the group size must be a multiple of this
 
 
 def _library():
@@ -54,7 +58,7 @@ def _library():
     except (NativeUnavailable, OSError) as exc:
         log.warning("C kernels unavailable for the decode step: %s", exc)
         return None
-    for name in ("nb_aqlm_max_parts", "nb_scalar8_workspace_per_row"):
+    for name in ("nb_aqlm_max_parts", "nb_scalar_workspace_per_row"):
         getattr(library, name).argtypes = [c_void_p]
         getattr(library, name).restype = c_int64
     return library
@@ -96,25 +100,27 @@ def aqlm_ckernel(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Ten
                    keep_alive=(args, blocked, books, books_t, scales32, bias32))
 
 
-def scalar8_ckernel(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
-                    group_size: int, bias: torch.Tensor | None = None):
-    """The ``CKernel`` of an 8-bit scalar layer: ``qweight`` [out, words] int32 holding the bytes
-    q[o, i] in order, ``scales`` and float ``zeros`` [out, in/group_size]; None off the CPU, for
-    groups that are not a multiple of 8, or without a C++ compiler."""
-    if qweight.device.type != "cpu" or group_size % 8 or in_features % group_size:
+def scalar_ckernel(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
+                   group_size: int, bits: int, bias: torch.Tensor | None = None):
+    """The ``CKernel`` of an 8- or 4-bit scalar layer: ``qweight`` [out, words] int32 packed by
+    ``formats.packing``, ``scales`` and float ``zeros`` [out, in/group_size]; None for other widths,
+    off the CPU, for groups that are not a multiple of 8 (8 bits) or 32 (4 bits) or do not divide
+    the inputs, or without a C++ compiler."""
+    multiple = SCALAR_BITS.get(bits)
+    if multiple is None or qweight.device.type != "cpu" or group_size % multiple or in_features % group_size:
         return None
     library = _library()
     if library is None:
         return None
     q = qweight.contiguous()
     scales32, zeros32, bias32 = _float32(scales), _float32(zeros), _float32(bias)
-    args = Scalar8Args(q.data_ptr(), q.shape[1] * 4, in_features, q.shape[0], group_size, scales32.data_ptr(),
-                       zeros32.data_ptr(), _pointer(bias32))
+    args = ScalarArgs(q.data_ptr(), q.shape[1] * 4, in_features, q.shape[0], group_size, bits, scales32.data_ptr(),
+                      zeros32.data_ptr(), _pointer(bias32))
     from nibble.runtime.linears import CKernel
 
-    return CKernel(compute=_address(library, "nb_scalar8_compute"), context=ctypes.addressof(args),
-                   prepare=_address(library, "nb_scalar8_prepare"),
-                   workspace_per_row=library.nb_scalar8_workspace_per_row(ctypes.byref(args)),
+    return CKernel(compute=_address(library, "nb_scalar_compute"), context=ctypes.addressof(args),
+                   prepare=_address(library, "nb_scalar_prepare"),
+                   workspace_per_row=library.nb_scalar_workspace_per_row(ctypes.byref(args)),
                    chunk=ROWS_PER_TASK, keep_alive=(args, q, scales32, zeros32, bias32))
 
 

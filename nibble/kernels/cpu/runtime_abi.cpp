@@ -6,10 +6,11 @@
 //
 // AQLM Kx8 (nb_aqlm_*): split by inputs, a part being a range of (code block, output row) pairs;
 // `ctx` is an AqlmArgs (kernels.h) whose x, batch and y fields are unused.
-// Scalar 8-bit (nb_scalar8_*): bytes q[o, i] with a scale and a zero point per group of inputs;
-// `prepare` sums x over each group and rounds x to 14-bit integers (one scale per input row), so
-// that a group costs one integer dot product (x's rounding error is at most max|x| / 16382 per
-// input, far below the 8-bit weights' own error).
+// Scalar 8- and 4-bit (nb_scalar_*): codes q[o, i] (bytes, or two per byte with even i in the low
+// nibble: the packing of nibble.formats.packing) with a scale and a zero point per group of
+// inputs; `prepare` sums x over each group and rounds x to 14-bit integers (one scale per input
+// row), so that a group costs one integer dot product (x's rounding error is at most
+// max|x| / 16382 per input, far below the weights' own error).
 
 #include <cmath>
 #include <cstring>
@@ -94,16 +95,25 @@ void split_dispatch(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t
     split_rows<M, 0>(p, x, x_stride, rows, y, y_stride, part, parts);
 }
 
-// x as 14-bit integers: |x_q| <= 8191, so a pair of u8 x int16 products is at most 4.2e6 and an
-// int32 lane can take 256 of them before its sum is moved to float.
+// x as 14-bit integers: |x_q| <= 8191, so a pair of (at most 8-bit) code x int16 products is at
+// most 4.2e6 and an int32 lane can take 256 of them before its sum is moved to float.
 constexpr int kXBits = 14;
-constexpr int64_t kFlushEvery = 256;  // 16-weight steps per int32 partial sum
+constexpr int64_t kFlushEvery = 256;  // vpmaddwd steps per int32 partial sum
 
-// sum_i q[i] * x[i] over n inputs, n a multiple of 8: u8 weights widened to int16, one vpmaddwd
-// per 16 weights (AVX2), the int32 lanes added into a float every kFlushEvery steps.
+#if defined(__AVX2__)
+inline int64_t sum_lanes(__m256i acc) {
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+  int64_t sum = 0;
+  for (int32_t lane : lanes) sum += lane;
+  return sum;
+}
+#endif
+
+// sum_i q[i] * x[i] over n inputs, n a multiple of 8: u8 codes widened to int16, one vpmaddwd
+// per 16 codes (AVX2), the int32 lanes moved to an int64 every kFlushEvery steps.
 inline float dot_u8_i16(const uint8_t* q, const int16_t* x, int64_t n) {
-  float total = 0.f;
-  int64_t i = 0;
+  int64_t total = 0, i = 0;
 #if defined(__AVX2__)
   while (i + 16 <= n) {
     __m256i acc = _mm256_setzero_si256();
@@ -113,23 +123,49 @@ inline float dot_u8_i16(const uint8_t* q, const int16_t* x, int64_t n) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
       acc = _mm256_add_epi32(acc, _mm256_madd_epi16(w, v));
     }
-    alignas(32) int32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
-    int64_t sum = 0;
-    for (int32_t lane : lanes) sum += lane;
-    total += float(sum);
+    total += sum_lanes(acc);
   }
 #endif
-  int64_t tail = 0;
-  for (; i < n; ++i) tail += int64_t(q[i]) * x[i];
-  return total + float(tail);
+  for (; i < n; ++i) total += int64_t(q[i]) * x[i];
+  return float(total);
+}
+
+// The same for 4-bit codes, two per byte, n a multiple of 32: x comes deinterleaved per 32 inputs
+// (the 16 even ones, then the 16 odd ones; see x_slot), so that the low and the high nibbles of 16
+// bytes each meet 16 contiguous x values.
+inline float dot_u4_i16(const uint8_t* q, const int16_t* x, int64_t n) {
+  int64_t total = 0, i = 0;
+#if defined(__AVX2__)
+  const __m128i nibble = _mm_set1_epi8(0x0f);
+  while (i < n) {
+    __m256i acc = _mm256_setzero_si256();
+    const int64_t stop = std::min(n, i + 32 * (kFlushEvery / 2));
+    for (; i < stop; i += 32) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i / 2));
+      const __m256i even = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, nibble));
+      const __m256i odd = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 16))));
+    }
+    total += sum_lanes(acc);
+  }
+#endif
+  for (; i < n; i += 32)
+    for (int k = 0; k < 16; ++k) total += int64_t(q[i / 2 + k] & 0x0f) * x[i + k] + int64_t(q[i / 2 + k] >> 4) * x[i + 16 + k];
+  return float(total);
+}
+
+// Where input i's int16 value goes: in order for 8-bit codes, deinterleaved per 32 for 4-bit ones.
+inline int64_t x_slot(int bits, int64_t i) {
+  return bits == 8 ? i : (i & ~int64_t(31)) + (i & 1) * 16 + ((i & 31) >> 1);
 }
 
 }  // namespace
 
-struct Scalar8Args {
-  const uint8_t* q;   // [out, row_bytes]: q[o, i] at q + o * row_bytes + i
-  int64_t row_bytes, in, out, group_size;  // group_size a multiple of 8 dividing in
+struct ScalarArgs {
+  const uint8_t* q;   // [out, row_bytes]: q[o, i] in byte i (8 bits) or i / 2 (4 bits) of row o
+  int64_t row_bytes, in, out, group_size;  // group_size dividing in, a multiple of 8 (8 bits) or 32 (4 bits)
+  int64_t bits;  // 8 or 4
   const float* scales;  // [out, in / group_size]
   const float* zeros;   // [out, in / group_size], in units of q
   const float* bias;    // [out] or null
@@ -142,9 +178,31 @@ struct QuantizedRow {
   int16_t* values;
 };
 
-inline QuantizedRow quantized_row(const Scalar8Args& p, float* workspace_row) {
+inline QuantizedRow quantized_row(const ScalarArgs& p, float* workspace_row) {
   float* scale = workspace_row + p.in / p.group_size;
   return {scale, reinterpret_cast<int16_t*>(scale + 1)};
+}
+
+// Output rows [begin, end) of every input row, from the workspace that prepare filled.
+template <int BITS>
+void scalar_rows(const ScalarArgs& p, const float* workspace, int64_t per_row, float* y, int64_t y_stride,
+                 int64_t rows, int64_t begin, int64_t end) {
+  const int64_t groups = p.in / p.group_size;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* sums = workspace + r * per_row;
+    const QuantizedRow row = quantized_row(p, const_cast<float*>(sums));
+    for (int64_t o = begin; o < end; ++o) {
+      const uint8_t* q = p.q + o * p.row_bytes;
+      float total = p.bias ? p.bias[o] : 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t at = g * p.group_size;
+        const float product = BITS == 8 ? dot_u8_i16(q + at, row.values + at, p.group_size)
+                                        : dot_u4_i16(q + at / 2, row.values + at, p.group_size);
+        total += p.scales[o * groups + g] * (*row.scale * product - p.zeros[o * groups + g] * sums[g]);
+      }
+      y[r * y_stride + o] = total;
+    }
+  }
 }
 
 }  // namespace nibble
@@ -168,18 +226,18 @@ void nb_aqlm_split(void* ctx, const float* x, int64_t x_stride, int64_t rows, fl
 }
 
 // Workspace of one input row: the sum of x over each group, x's scale, then x as int16 values.
-int64_t nb_scalar8_workspace_per_row(const void* ctx) {
-  const auto& p = *static_cast<const nibble::Scalar8Args*>(ctx);
+int64_t nb_scalar_workspace_per_row(const void* ctx) {
+  const auto& p = *static_cast<const nibble::ScalarArgs*>(ctx);
   return p.in / p.group_size + 1 + (p.in + 1) / 2;
 }
 
 // Each part sums x over its groups and rounds its groups' x to int16 with the row's scale (every
 // part finds the same max|x|, so the parts agree).
-void nb_scalar8_prepare(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace, int64_t part,
-                        int64_t parts) {
-  const auto& p = *static_cast<const nibble::Scalar8Args*>(ctx);
+void nb_scalar_prepare(void* ctx, const float* x, int64_t x_stride, int64_t rows, float* workspace, int64_t part,
+                       int64_t parts) {
+  const auto& p = *static_cast<const nibble::ScalarArgs*>(ctx);
   const int64_t groups = p.in / p.group_size;
-  const int64_t per_row = nb_scalar8_workspace_per_row(ctx);
+  const int64_t per_row = nb_scalar_workspace_per_row(ctx);
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     float amax = 0.f;
@@ -188,11 +246,10 @@ void nb_scalar8_prepare(void* ctx, const float* x, int64_t x_stride, int64_t row
     *row.scale = amax > 0.f ? amax / float((1 << (nibble::kXBits - 1)) - 1) : 1.f;
     const float inverse = 1.f / *row.scale;
     for (int64_t g = groups * part / parts; g < groups * (part + 1) / parts; ++g) {
-      const float* xg = xr + g * p.group_size;
       float total = 0.f;
-      for (int64_t i = 0; i < p.group_size; ++i) {
-        total += xg[i];
-        row.values[g * p.group_size + i] = static_cast<int16_t>(std::lrint(xg[i] * inverse));
+      for (int64_t i = g * p.group_size; i < (g + 1) * p.group_size; ++i) {
+        total += xr[i];
+        row.values[nibble::x_slot(int(p.bits), i)] = static_cast<int16_t>(std::lrint(xr[i] * inverse));
       }
       workspace[r * per_row + g] = total;
     }
@@ -200,25 +257,13 @@ void nb_scalar8_prepare(void* ctx, const float* x, int64_t x_stride, int64_t row
 }
 
 // y = sum_g s_g (S * sum q x_q - z_g sum x): the integer dot products take x as int16 (x_q = x / S).
-void nb_scalar8_compute(void* ctx, const float* /*x*/, int64_t /*x_stride*/, const float* workspace, float* y,
-                        int64_t y_stride, int64_t rows, int64_t begin, int64_t end) {
-  const auto& p = *static_cast<const nibble::Scalar8Args*>(ctx);
-  const int64_t groups = p.in / p.group_size;
-  const int64_t per_row = nb_scalar8_workspace_per_row(ctx);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* sums = workspace + r * per_row;
-    const nibble::QuantizedRow row = nibble::quantized_row(p, const_cast<float*>(sums));
-    for (int64_t o = begin; o < end; ++o) {
-      const uint8_t* q = p.q + o * p.row_bytes;
-      float total = p.bias ? p.bias[o] : 0.f;
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t at = g * p.group_size;
-        const float dot = *row.scale * nibble::dot_u8_i16(q + at, row.values + at, p.group_size);
-        total += p.scales[o * groups + g] * (dot - p.zeros[o * groups + g] * sums[g]);
-      }
-      y[r * y_stride + o] = total;
-    }
-  }
+void nb_scalar_compute(void* ctx, const float* /*x*/, int64_t /*x_stride*/, const float* workspace, float* y,
+                       int64_t y_stride, int64_t rows, int64_t begin, int64_t end) {
+  const auto& p = *static_cast<const nibble::ScalarArgs*>(ctx);
+  if (p.bits == 8)
+    nibble::scalar_rows<8>(p, workspace, nb_scalar_workspace_per_row(ctx), y, y_stride, rows, begin, end);
+  else
+    nibble::scalar_rows<4>(p, workspace, nb_scalar_workspace_per_row(ctx), y, y_stride, rows, begin, end);
 }
 
 }  // extern "C"

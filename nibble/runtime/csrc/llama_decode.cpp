@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <vector>
 
 #include "work_pool.h"
 #if defined(__AVX2__) && defined(__FMA__)
@@ -104,7 +105,38 @@ float dot(const float* a, const float* b, int64_t n) {
     return total;
 }
 
+// The first index of the largest of x[0..n-1] (n >= 1), or of the first NaN: a vectorised pass for
+// the maximum, then a scan for its first occurrence.
+int64_t argmax(const float* x, int64_t n) {
+    float best = x[0];
+    bool nan = false;
+    int64_t i = 0;
+#if defined(__AVX2__)
+    if (n >= 8) {
+        __m256 top = _mm256_loadu_ps(x), unordered = _mm256_cmp_ps(top, top, _CMP_UNORD_Q);
+        for (i = 8; i + 8 <= n; i += 8) {
+            const __m256 v = _mm256_loadu_ps(x + i);
+            top = _mm256_max_ps(top, v);
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, top);
+        best = lanes[0];
+        for (float lane : lanes) best = lane > best ? lane : best;
+        nan = _mm256_movemask_ps(unordered) != 0;
+    }
+#endif
+    for (; i < n; ++i) {
+        nan = nan || x[i] != x[i];
+        best = x[i] > best ? x[i] : best;
+    }
+    for (int64_t j = 0; j < n; ++j)
+        if (nan ? x[j] != x[j] : x[j] == best) return j;
+    return 0;
+}
+
 constexpr int64_t kRowsPerChunk = 32;
+constexpr int64_t kAttentionWorkPerJob = 256;  // (head, key) pairs worth a pool job (~1 us to hand out)
 
 // y = x W^T + b for `rows` input rows; each weight row is read once for all input rows.
 void dense_linear(const NbLinear& lin, const float* x, int64_t x_stride, float* y, int64_t y_stride,
@@ -193,6 +225,39 @@ void run_linear(const NbModel& m, const NbLinear& lin, const float* x, int64_t x
     });
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 polynomial for e^r (the Cephes
+// expf coefficients, relative error ~1e-7), times 2^n built in the exponent bits. x is clamped to
+// [-87, 88], where 2^n stays a normal float.
+__m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: n ln2 exact
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    const __m256 er = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(er, _mm256_castsi256_ps(bits));
+}
+#endif
+
+// gate <- silu(gate) * up = gate / (1 + e^-gate) * up, over n values.
+void silu_times(float* gate, const float* up, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 sigmoid_inv = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_div_ps(g, sigmoid_inv), _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
 void rms_norm(const float* x, const float* weight, float* out, int64_t n, double eps) {
     float squares = 0.0f;
     for (int64_t i = 0; i < n; ++i) squares += x[i] * x[i];
@@ -259,7 +324,7 @@ void attention(const NbModel& m, int64_t layer, const int64_t* pads, int64_t len
             for (int64_t d = 0; d < m.head_dim; ++d) out[d] += p * v[d];
         }
     };
-    if (length * tasks >= 8192) {
+    if (m.threads > 1 && length * tasks >= kAttentionWorkPerJob) {
         pool_for(m.threads).run(tasks, one_head);
     } else {
         for (int64_t task = 0; task < tasks; ++task) one_head(task);
@@ -304,7 +369,7 @@ void mlp_block(const NbModel& m, int64_t index) {
     for (int64_t r = 0; r < m.batch; ++r) {
         float* gate = m.mlp + r * width;
         const float* up = gate + m.intermediate;
-        for (int64_t i = 0; i < m.intermediate; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+        silu_times(gate, up, m.intermediate);
     }
     run_linear(m, layer.down, m.mlp, width, m.h, m.hidden);
     for (int64_t i = 0; i < m.batch * m.hidden; ++i) m.x[i] += m.h[i];
@@ -314,16 +379,22 @@ void mlp_block(const NbModel& m, int64_t index) {
 
 extern "C" {
 
-int64_t nb_abi_version() { return 4; }
+int64_t nb_abi_version() { return 5; }
 
 // Embed `tokens` (or use m.x as given when tokens is null), run every layer for one position per row,
-// write k/v at cache `slot`, and leave logits [batch, vocab] in m.logits.
+// write k/v at cache `slot`, and leave logits [batch, vocab] in m.logits. Row r attends to slots
+// pads[r] .. slot; its RoPE position is positions[r], or slot - pads[r] when positions is null.
 int64_t nb_llama_decode(const NbModel* model, const int64_t* tokens, const int64_t* positions,
                         const int64_t* pads, int64_t slot) {
     static std::mutex one_at_a_time;  // the pool is shared: concurrent Python threads take turns
     std::lock_guard<std::mutex> lock(one_at_a_time);
     const NbModel& m = *model;
     if (slot < 0 || slot >= m.max_len || m.head_dim > 512) return -1;
+    std::vector<int64_t> derived;
+    if (!positions) {
+        for (int64_t r = 0; r < m.batch; ++r) derived.push_back(std::max<int64_t>(slot - pads[r], 0));
+        positions = derived.data();
+    }
     if (tokens) {
         for (int64_t r = 0; r < m.batch; ++r) {
             if (tokens[r] < 0 || tokens[r] >= m.vocab) return -2;
@@ -337,6 +408,12 @@ int64_t nb_llama_decode(const NbModel* model, const int64_t* tokens, const int64
     normalize_rows(m, m.final_norm);
     run_linear(m, m.lm_head, m.h, m.hidden, m.logits, m.vocab);
     return 0;
+}
+
+// Greedy pick: out[r] = the first index of the largest of x[r, 0..cols-1] (the first NaN if there is
+// one, as torch.argmax does).
+void nb_argmax_rows(const float* x, int64_t rows, int64_t cols, int64_t* out) {
+    for (int64_t r = 0; r < rows; ++r) out[r] = argmax(x + r * cols, cols);
 }
 
 }  // extern "C"
