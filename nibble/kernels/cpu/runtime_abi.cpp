@@ -26,7 +26,8 @@ namespace nibble {
 namespace {
 
 // Rows [r0, r1) of one block of 8-wide groups, by decoding: each group's weights are the sum of its
-// M codewords, multiplied with x's group (held in registers for the whole block).
+// M codewords, multiplied with x's group (held in registers for the whole block). Rows go four at
+// a time, their horizontal sums taken together.
 template <int M>
 inline void decode_block_8(const AqlmArgs& p, const float* x, int64_t block, const uint8_t* codes, int64_t r0,
                            int64_t r1, float* acc) {
@@ -36,16 +37,25 @@ inline void decode_block_8(const AqlmArgs& p, const float* x, int64_t block, con
     const int64_t group = block * kBlockGroups + j;
     xs[j] = group < p.num_groups ? load8(x + group * kDecodeGroup) : splat8(0.f);
   }
-  const uint8_t* c = codes + r0 * K;
-  for (int64_t o = r0; o < r1; ++o, c += K) {
+  const auto row = [&](int64_t o) {
+    const uint8_t* c = codes + o * K;
     v8f even = splat8(0.f), odd = splat8(0.f);
 #pragma GCC unroll 8
     for (int j = 0; j < kBlockGroups; ++j) {
       const v8f w = codeword_sum<M>(p.codebooks, kCodewords, c + j * M);
       if (j % 2) odd += w * xs[j]; else even += w * xs[j];
     }
-    acc[o] += hsum8(even + odd);
+    return even + odd;
+  };
+  int64_t o = r0;
+  for (; o + 4 <= r1; o += 4) {
+    const v8f a = row(o), b = row(o + 1), c = row(o + 2), d = row(o + 3);
+    v4f sums;
+    std::memcpy(&sums, acc + o, sizeof sums);
+    sums += hsum8x4(a, b, c, d);
+    std::memcpy(acc + o, &sums, sizeof sums);
   }
+  for (; o < r1; ++o) acc[o] += hsum8(row(o));
 }
 
 // Part `part` of `parts` of one AQLM layer for every input row: its share of the (code block,
@@ -96,69 +106,65 @@ void split_dispatch(const AqlmArgs& p, const float* x, int64_t x_stride, int64_t
 }
 
 // x as 14-bit integers: |x_q| <= 8191, so a pair of (at most 8-bit) code x int16 products is at
-// most 4.2e6 and an int32 lane can take 256 of them before its sum is moved to float.
+// most 4.2e6 and an int32 lane can take kMaxSteps of them before it is moved to float.
 constexpr int kXBits = 14;
-constexpr int64_t kFlushEvery = 256;  // vpmaddwd steps per int32 partial sum
+constexpr int64_t kMaxSteps = 256;  // vpmaddwd steps per int32 partial sum
 
-#if defined(__AVX2__)
-inline int64_t sum_lanes(__m256i acc) {
-  alignas(32) int32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
-  int64_t sum = 0;
-  for (int32_t lane : lanes) sum += lane;
-  return sum;
-}
-#endif
+// Inputs per vector step: 16 bytes of codes widened to 16 int16 lanes (8 bits), or 16 bytes of
+// nibble pairs, the low and the high nibbles each widened to 16 lanes (4 bits).
+template <int BITS>
+constexpr int64_t kStep = BITS == 8 ? 16 : 32;
 
-// sum_i q[i] * x[i] over n inputs, n a multiple of 8: u8 codes widened to int16, one vpmaddwd
-// per 16 codes (AVX2), the int32 lanes moved to an int64 every kFlushEvery steps.
-inline float dot_u8_i16(const uint8_t* q, const int16_t* x, int64_t n) {
-  int64_t total = 0, i = 0;
-#if defined(__AVX2__)
-  while (i + 16 <= n) {
-    __m256i acc = _mm256_setzero_si256();
-    const int64_t stop = std::min(n - n % 16, i + 16 * kFlushEvery);
-    for (; i < stop; i += 16) {
-      const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(w, v));
-    }
-    total += sum_lanes(acc);
-  }
-#endif
-  for (; i < n; ++i) total += int64_t(q[i]) * x[i];
-  return float(total);
+// Code i of a row: byte i (8 bits), or nibble i of the little-endian bit stream (4 bits).
+template <int BITS>
+inline int32_t code_at(const uint8_t* q, int64_t i) {
+  return BITS == 8 ? q[i] : (q[i / 2] >> (4 * (i & 1))) & 0x0f;
 }
 
-// The same for 4-bit codes, two per byte, n a multiple of 32: x comes deinterleaved per 32 inputs
-// (the 16 even ones, then the 16 odd ones; see x_slot), so that the low and the high nibbles of 16
+// Where input i's int16 value goes: in order for 8-bit codes; for 4-bit ones deinterleaved per 32
+// inputs (the 16 even ones, then the 16 odd ones), so that the low and the high nibbles of 16
 // bytes each meet 16 contiguous x values.
-inline float dot_u4_i16(const uint8_t* q, const int16_t* x, int64_t n) {
-  int64_t total = 0, i = 0;
-#if defined(__AVX2__)
-  const __m128i nibble = _mm_set1_epi8(0x0f);
-  while (i < n) {
-    __m256i acc = _mm256_setzero_si256();
-    const int64_t stop = std::min(n, i + 32 * (kFlushEvery / 2));
-    for (; i < stop; i += 32) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i / 2));
-      const __m256i even = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, nibble));
-      const __m256i odd = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 16))));
-    }
-    total += sum_lanes(acc);
-  }
-#endif
-  for (; i < n; i += 32)
-    for (int k = 0; k < 16; ++k) total += int64_t(q[i / 2 + k] & 0x0f) * x[i + k] + int64_t(q[i / 2 + k] >> 4) * x[i + 16 + k];
-  return float(total);
-}
-
-// Where input i's int16 value goes: in order for 8-bit codes, deinterleaved per 32 for 4-bit ones.
 inline int64_t x_slot(int bits, int64_t i) {
   return bits == 8 ? i : (i & ~int64_t(31)) + (i & 1) * 16 + ((i & 31) >> 1);
 }
+
+// sum of code * x_q over inputs [from, to), one at a time (tails and non-AVX2 builds).
+template <int BITS>
+inline int64_t dot_scalar(const uint8_t* q, const int16_t* x, int64_t from, int64_t to) {
+  int64_t total = 0;
+  for (int64_t i = from; i < to; ++i) total += int64_t(code_at<BITS>(q, i)) * x[x_slot(BITS, i)];
+  return total;
+}
+
+#if defined(__AVX2__)
+// The same over inputs [from, from + n), n a multiple of kStep and at most kMaxSteps steps, as
+// eight int32 lanes: one vpmaddwd per 16 codes.
+template <int BITS>
+inline __m256i dot_lanes(const uint8_t* q, const int16_t* x, int64_t from, int64_t n) {
+  __m256i acc = _mm256_setzero_si256();
+  for (int64_t i = from; i < from + n; i += kStep<BITS>) {
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    if constexpr (BITS == 8) {
+      const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(w, x0));
+    } else {
+      const __m128i nibble = _mm_set1_epi8(0x0f);
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i / 2));
+      const __m256i even = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, nibble));
+      const __m256i odd = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 16));
+      acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(even, x0), _mm256_madd_epi16(odd, x1)));
+    }
+  }
+  return acc;
+}
+
+inline float hsum(__m256 v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
+}
+#endif
 
 }  // namespace
 
@@ -184,6 +190,9 @@ inline QuantizedRow quantized_row(const ScalarArgs& p, float* workspace_row) {
 }
 
 // Output rows [begin, end) of every input row, from the workspace that prepare filled.
+// Output rows [begin, end) of every input row, from the workspace that prepare filled:
+// y[o] = S * sum_g s_g (sum q x_q) - sum_g s_g z_g (sum x) + bias, the integer sums of each group
+// scaled into eight float lanes that are added up once per output.
 template <int BITS>
 void scalar_rows(const ScalarArgs& p, const float* workspace, int64_t per_row, float* y, int64_t y_stride,
                  int64_t rows, int64_t begin, int64_t end) {
@@ -193,14 +202,30 @@ void scalar_rows(const ScalarArgs& p, const float* workspace, int64_t per_row, f
     const QuantizedRow row = quantized_row(p, const_cast<float*>(sums));
     for (int64_t o = begin; o < end; ++o) {
       const uint8_t* q = p.q + o * p.row_bytes;
-      float total = p.bias ? p.bias[o] : 0.f;
+      const float* scales = p.scales + o * groups;
+      const float* zeros = p.zeros + o * groups;
+      float integer_part = 0.f, zero_part = 0.f;
+#if defined(__AVX2__)
+      __m256 lanes = _mm256_setzero_ps();
+#endif
       for (int64_t g = 0; g < groups; ++g) {
-        const int64_t at = g * p.group_size;
-        const float product = BITS == 8 ? dot_u8_i16(q + at, row.values + at, p.group_size)
-                                        : dot_u4_i16(q + at / 2, row.values + at, p.group_size);
-        total += p.scales[o * groups + g] * (*row.scale * product - p.zeros[o * groups + g] * sums[g]);
+        zero_part += scales[g] * zeros[g] * sums[g];
+        int64_t i = g * p.group_size;
+        const int64_t stop = i + p.group_size;
+#if defined(__AVX2__)
+        while (stop - i >= kStep<BITS>) {
+          const int64_t n = std::min((stop - i) / kStep<BITS>, kMaxSteps) * kStep<BITS>;
+          const __m256 products = _mm256_cvtepi32_ps(dot_lanes<BITS>(q, row.values, i, n));
+          lanes = _mm256_fmadd_ps(products, _mm256_set1_ps(scales[g]), lanes);
+          i += n;
+        }
+#endif
+        if (i < stop) integer_part += scales[g] * float(dot_scalar<BITS>(q, row.values, i, stop));
       }
-      y[r * y_stride + o] = total;
+#if defined(__AVX2__)
+      integer_part += hsum(lanes);
+#endif
+      y[r * y_stride + o] = *row.scale * integer_part - zero_part + (p.bias ? p.bias[o] : 0.f);
     }
   }
 }
