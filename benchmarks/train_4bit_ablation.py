@@ -31,6 +31,10 @@ VARIANTS: dict[str, Recipe] = {r.name: r for r in (
     Recipe("ibm-fp4", "both, nearest rounding", **_FORWARD, dgrad_grad="log4-even", wgrad_grad="log4-odd"),
     Recipe("ibm-fp4-sr", "both, stochastic rounding", **_FORWARD, dgrad_grad="log4-even-sr",
            wgrad_grad="log4-odd-sr"),
+    Recipe("ibm-fp4-vec", "both, nearest, one GradScale per GEMM output vector", **_FORWARD,
+           dgrad_grad="log4-even-vec", wgrad_grad="log4-odd-vec"),
+    Recipe("ibm-fp4-sr-vec", "both, stochastic, one GradScale per GEMM output vector", **_FORWARD,
+           dgrad_grad="log4-even-sr-vec", wgrad_grad="log4-odd-sr-vec"),
     Recipe("radix2", "radix-2 FP4 on both, nearest", **_FORWARD, dgrad_grad="log2", wgrad_grad="log2"),
     Recipe("radix2-sr", "radix-2 FP4 on both, stochastic", **_FORWARD, dgrad_grad="log2-sr", wgrad_grad="log2-sr"),
 )}

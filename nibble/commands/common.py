@@ -23,3 +23,19 @@ def print_json_last(payload: dict[str, Any]) -> None:
     """Print ``payload`` as the last line of output (machine-readable)."""
     sys.stdout.flush()
     print(json.dumps(payload, sort_keys=True))
+
+
+def add_head_arguments(parser) -> None:
+    """``--head-bits`` / ``--head-group-size``: round a float output head (``nibble.runtime.head``)."""
+    parser.add_argument("--head-bits", type=int, default=None, choices=(8, 4),
+                        help="round the float output head to 8- or 4-bit integers first (as for fast decoding)")
+    parser.add_argument("--head-group-size", type=int, default=None,
+                        help="inputs per scale of the rounded head (default: a row at 8 bits, 64 at 4 bits)")
+
+
+def apply_head_arguments(model, args) -> None:
+    """Round ``model``'s output head in place when ``--head-bits`` was given."""
+    if args.head_bits:
+        from nibble.runtime.head import quantize_head
+
+        quantize_head(model, args.head_bits, args.head_group_size)

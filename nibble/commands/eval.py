@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from nibble.commands.common import add_device_argument, pick_device, print_json_last
+from nibble.commands.common import (add_device_argument, add_head_arguments, apply_head_arguments, pick_device,
+                                    print_json_last)
 
 
 def add_parser(subparsers) -> None:
@@ -12,6 +13,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
     parser.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     parser.add_argument("--json", action="store_true", help="end with a JSON line: ppl, windows, tokens, ...")
+    add_head_arguments(parser)
     add_device_argument(parser)
     parser.set_defaults(func=run)
 
@@ -22,6 +24,7 @@ def run(args) -> int:
 
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device=pick_device(args.device))
+    apply_head_arguments(model, args)
     result = perplexity_on_dataset(model, tokenizer, args.dataset, args.seqlen, args.max_windows)
     print(f"{args.dataset}: perplexity {result.ppl:.4f} over {result.windows} windows "
           f"({result.tokens} predicted tokens, seqlen {result.seqlen})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from nibble.commands.common import add_device_argument, pick_device, print_json_last
+from nibble.commands.common import add_device_argument, add_head_arguments, apply_head_arguments, pick_device, print_json_last
 
 
 def add_parser(subparsers) -> None:
@@ -34,10 +34,7 @@ def _add_common(parser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--max-len", type=int, default=2048, help="KV cache length in tokens (default 2048)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
-    parser.add_argument("--head-bits", type=int, default=None, choices=(8, 4),
-                        help="round the float output head to 8- or 4-bit integers for faster decoding")
-    parser.add_argument("--head-group-size", type=int, default=None,
-                        help="inputs per scale of the rounded head (default: a row at 8 bits, 64 at 4 bits)")
+    add_head_arguments(parser)
     parser.add_argument("--backend", default="auto", choices=("auto", "cpp", "torch"),
                         help="decode step: fused C++ (CPU, float32), eager torch, or auto (default)")
     add_device_argument(parser)
@@ -94,10 +91,7 @@ def _setup(args):
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device=pick_device(args.device))
-    if args.head_bits:
-        from nibble.runtime.head import quantize_head
-
-        quantize_head(model, args.head_bits, args.head_group_size)
+    apply_head_arguments(model, args)
     runtime = build_runtime(model, max_len=args.max_len, backend=args.backend, threads=args.threads)
     return model, tokenizer, runtime, sampling
 

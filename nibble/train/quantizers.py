@@ -155,18 +155,21 @@ def init_pact_alpha(x: torch.Tensor, bits: int = 4, signed: bool = False, candid
 
 # --- gradients: GradScale, logarithmic FP4, two-phase rounding -------------------------------
 
-def grad_scale(g: torch.Tensor) -> torch.Tensor:
-    """Per-tensor power-of-two scale ``2^ceil(log2 max|g|)`` (1 for an all-zero tensor)."""
-    amax = g.detach().abs().amax()
-    if not torch.isfinite(amax) or amax == 0:
-        return torch.ones((), dtype=torch.float32, device=g.device)
-    mantissa, exponent = torch.frexp(amax.float())
+def grad_scale(g: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Power-of-two scale ``2^ceil(log2 max|g|)`` (1 where ``g`` is all zero or not finite): one per
+    tensor, or with ``dim`` one per slice along ``dim`` (keepdim)."""
+    amax = g.detach().abs().amax() if dim is None else g.detach().abs().amax(dim=dim, keepdim=True)
+    amax = amax.float()
+    amax = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.ones_like(amax))
+    mantissa, exponent = torch.frexp(amax)
     return torch.ldexp(torch.ones_like(mantissa), exponent - (mantissa == 0.5).int())
 
 
-def quantize_grad_log(g: torch.Tensor, fmt: LogFormat, rounding: Rounding = "nearest") -> torch.Tensor:
-    """Logarithmic FP4 gradient with a per-tensor GradScale."""
-    return quantize_log(g, grad_scale(g), fmt, rounding)
+def quantize_grad_log(g: torch.Tensor, fmt: LogFormat, rounding: Rounding = "nearest",
+                      dim: int | None = None) -> torch.Tensor:
+    """Logarithmic FP4 gradient with a per-tensor GradScale, or (``dim``: the GEMM's reduction
+    dimension) one GradScale per output vector of the GEMM (an ablation of the per-tensor scale)."""
+    return quantize_log(g, grad_scale(g, dim), fmt, rounding)
 
 
 def two_phase_round(g: torch.Tensor, rounding: Rounding = "nearest") -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,16 @@ def test_quantize_then_eval_on_a_text_file(capsys, tmp_path, model_dir, corpus_f
     assert result["tokens"] == result["windows"] * 127 and 1 < result["ppl"] < 1000
 
 
+def test_eval_with_a_rounded_head(capsys, model_dir, corpus_file):
+    ppl = {}
+    for head in ([], ["--head-bits", "8"], ["--head-bits", "4", "--head-group-size", "32"]):
+        code, out, _ = run_cli(capsys, "eval", model_dir, "--dataset", corpus_file, "--seqlen", "128", "--json", *head)
+        assert code == 0
+        ppl[len(head)] = json.loads(out.strip().splitlines()[-1])["ppl"]
+    assert ppl[2] != ppl[0] and ppl[2] == pytest.approx(ppl[0], rel=0.01)  # 8 bits: close to the float head
+    assert ppl[4] != ppl[0] and ppl[4] == pytest.approx(ppl[0], rel=0.2)
+
+
 @pytest.mark.parametrize("spec,message", [
     ("./no/such/model", "no such file or folder"),
     ("not-a-model", "unknown model"),

@@ -90,6 +90,17 @@ def test_grad_scale_is_the_power_of_two_above_the_max():
     assert float(grad_scale(torch.zeros(4))) == 1.0
 
 
+@pytest.mark.parametrize("dim", [0, 1])
+def test_grad_scale_per_slice_is_each_slice_own_scale(dim: int):
+    g = torch.randn(5, 7) * torch.logspace(-4, 2, 5)[:, None]
+    g[2] = 0.0
+    g[:, 3] = 0.0
+    scales = grad_scale(g, dim)
+    assert scales.shape == (g.shape[0] if dim else 1, 1 if dim else g.shape[1])
+    for i, row in enumerate(g.unbind(1 - dim)):
+        assert scales.flatten()[i] == grad_scale(row)
+
+
 def test_two_phase_rounding_lands_on_even_and_odd_exponents():
     g = torch.randn(20000) * torch.logspace(-3, 0, 20000)  # mostly within the 2^12 range
     even, odd = two_phase_round(g)
