@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from nibble.commands.common import add_device_argument, add_head_arguments, apply_head_arguments, pick_device, print_json_last
+from nibble.commands.common import (add_device_argument, add_head_arguments, apply_head_arguments, pick_device,
+                                    print_json_last)
 
 
 def add_parser(subparsers) -> None:

@@ -73,8 +73,9 @@ class LlamaNativeStep:
                      sampler: Sampler) -> list[int]:
         """The next token of each row after ``tokens`` (one per row, written to cache slot ``start``).
 
-        The lean path of a generation loop, with no torch op when ``sampler`` is greedy: after a step
-        has streamed the weights through the caches, each torch call costs tens of microseconds.
+        The lean path of a generation loop, with no torch op when ``sampler`` is greedy (and the
+        embedding a plain float table): after a step has streamed the weights through the caches,
+        each torch call costs tens of microseconds.
         Tokens go in and out through fixed buffers, positions are derived from ``pad_lengths`` in C,
         and the pick is made in C from the logits buffer (a sampler reads that buffer in place).
         """
@@ -87,7 +88,8 @@ class LlamaNativeStep:
         logits = self.scratch["logits"]
         if not sampler.config.greedy:
             return sampler(logits).tolist()
-        self.library.nb_argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], self.scratch["picks"].data_ptr())
+        picks = self.scratch["picks"]
+        self.library.nb_argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], picks.data_ptr())
         return self.pick_slots[:]
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, pad_lengths: torch.Tensor, slot: int) -> None:

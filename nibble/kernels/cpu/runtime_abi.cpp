@@ -158,12 +158,6 @@ inline __m256i dot_lanes(const uint8_t* q, const int16_t* x, int64_t from, int64
   }
   return acc;
 }
-
-inline float hsum(__m256 v) {
-  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
-}
 #endif
 
 }  // namespace
@@ -223,7 +217,7 @@ void scalar_rows(const ScalarArgs& p, const float* workspace, int64_t per_row, f
         if (i < stop) integer_part += scales[g] * float(dot_scalar<BITS>(q, row.values, i, stop));
       }
 #if defined(__AVX2__)
-      integer_part += hsum(lanes);
+      integer_part += hsum8(v8f(lanes));
 #endif
       y[r * y_stride + o] = *row.scale * integer_part - zero_part + (p.bias ? p.bias[o] : 0.f);
     }
