@@ -240,3 +240,17 @@ def test_native_argmax_matches_torch_ties_and_nans(cols: int):
     library.nb_argmax_rows(ctypes.c_void_p(rows.data_ptr()), ctypes.c_int64(6), ctypes.c_int64(cols),
                            ctypes.c_void_p(out.data_ptr()))
     assert out.tolist() == rows.argmax(dim=-1).tolist()
+
+
+def test_native_silu_matches_torch_over_a_wide_range():
+    import ctypes
+
+    from nibble.runtime.native import load_library
+
+    gate = torch.cat([torch.linspace(-120, 120, 4001), torch.randn(1000) * 4, torch.tensor([0.0, -0.0, 1e-30])])
+    up = torch.randn(gate.shape[0])
+    expected = F.silu(gate.double()) * up.double()
+    got = gate.clone()
+    load_library().nb_silu_times(ctypes.c_void_p(got.data_ptr()), ctypes.c_void_p(up.data_ptr()),
+                                 ctypes.c_int64(gate.shape[0]))
+    torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-30)

@@ -410,6 +410,9 @@ int64_t nb_llama_decode(const NbModel* model, const int64_t* tokens, const int64
     return 0;
 }
 
+// gate[i] <- silu(gate[i]) * up[i] for i < n: the MLP's activation as the step computes it.
+void nb_silu_times(float* gate, const float* up, int64_t n) { silu_times(gate, up, n); }
+
 // Greedy pick: out[r] = the first index of the largest of x[r, 0..cols-1] (the first NaN if there is
 // one, as torch.argmax does).
 void nb_argmax_rows(const float* x, int64_t rows, int64_t cols, int64_t* out) {
