@@ -97,7 +97,7 @@ def test_v_memory_lets_small_moves_add_up_to_a_code_change(memory, make_scalar_s
     name = "model.layers.0.mlp.down_proj"
     layer = tuner.layers[name]
     current = tuner.decoded(name)
-    tuner.v_opt.lr = 0.3 * float(layer.scales.min()) / float(current.pow(2).mean().sqrt())
+    tuner.v_opt.lr = 0.3 * float(layer.scales.detach().min()) / float(current.pow(2).mean().sqrt())
     grad = torch.randn(current.shape, generator=torch.Generator().manual_seed(0))  # Adam direction: sign(grad)
     first = tuner._v_step_layer(name, layer, grad.clone())
     second = tuner._v_step_layer(name, layer, grad.clone())
