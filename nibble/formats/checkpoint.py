@@ -141,10 +141,21 @@ def prepare_output_dir(out_dir: str | Path, resume: bool) -> Path:
         if not (out / PARTIAL / PROGRESS).is_file():
             raise CheckpointError(f"nothing to resume in {out}: no {PARTIAL}/{PROGRESS}")
         return out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"output folder {out} already exists and is not empty (use --resume to continue a run)")
+    refuse_used_output_dir(out)
     (out / PARTIAL).mkdir(parents=True, exist_ok=True)
     return out
+
+
+def refuse_used_output_dir(out: Path) -> None:
+    """Raise if ``out`` holds anything but an empty ``.nibble-partial`` (left by a run that failed to start)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"output path {out} exists and is not a folder")
+    partial = out / PARTIAL
+    contents = [p for p in out.iterdir() if not (p == partial and p.is_dir() and not any(p.iterdir()))]
+    if contents:
+        raise OutputExistsError(f"output folder {out} already exists and is not empty (use --resume to continue a run)")
 
 
 class PartialRun:

@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from nibble.data import load_text, sample_windows, tokenize_corpus
-from nibble.errors import CheckpointError, ConfigError, DatasetError, NibbleError, OutputExistsError
+from nibble.errors import CheckpointError, ConfigError, DatasetError, NibbleError
 from nibble.eval.perplexity import windows_of
 from nibble.formats.checkpoint import (PARTIAL, PROGRESS, load_tensors, prepare_output_dir, read_json,
-                                       save_quantized, save_tensors_atomic, write_json_atomic)
+                                       refuse_used_output_dir, save_quantized, save_tensors_atomic, write_json_atomic)
 from nibble.tune.config import TuneConfig
 from nibble.tune.distributed import Dist
 from nibble.tune.pv import PVTuner, quantized_layers
@@ -144,8 +144,8 @@ def check_output_dir(out: Path, resume: bool) -> None:
     """What ``prepare_output_dir`` refuses, checked without creating anything (on every rank)."""
     if resume and not (out / PARTIAL / PROGRESS).is_file():
         raise CheckpointError(f"nothing to resume in {out}: no {PARTIAL}/{PROGRESS}")
-    if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"output folder {out} already exists and is not empty (use --resume to continue a run)")
+    if not resume:
+        refuse_used_output_dir(out)
 
 
 def _validate(tuner: PVTuner, held_out: torch.Tensor, teacher_val: TeacherOutputs | None,

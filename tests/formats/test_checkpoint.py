@@ -5,6 +5,7 @@ import torch
 
 from conftest import save_transformers_model, tiny_gpt2, tiny_llama
 from nibble.errors import CheckpointError, OutputExistsError
+from nibble.formats.checkpoint import PARTIAL, prepare_output_dir
 from nibble.models import load_model
 from nibble.quantize import CalibrationConfig, RTNConfig, quantize_to_dir
 
@@ -68,3 +69,20 @@ def test_resume_without_partial_run_is_refused(tmp_path, tokenizer, corpus_file)
     with pytest.raises(CheckpointError, match="nothing to resume"):
         quantize_to_dir(tiny_llama(), tokenizer, "tiny", RTNConfig(), CalibrationConfig(str(corpus_file)),
                         tmp_path / "new", resume=True)
+
+
+def test_folder_left_by_a_run_that_failed_to_start_is_reused(tmp_path):
+    out = tmp_path / "out"
+    (out / PARTIAL).mkdir(parents=True)  # what a run that died before its first checkpoint leaves
+    assert prepare_output_dir(out, resume=False) == out
+    (out / PARTIAL / "progress.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match="not empty"):
+        prepare_output_dir(out, resume=False)
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.write_text("keep me")
+    with pytest.raises(OutputExistsError, match="not a folder"):
+        prepare_output_dir(out, resume=False)
+    assert out.read_text() == "keep me"
