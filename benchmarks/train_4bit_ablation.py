@@ -35,7 +35,11 @@ VARIANTS: dict[str, Recipe] = {r.name: r for r in (
            dgrad_grad="log4-even-vec", wgrad_grad="log4-odd-vec"),
     Recipe("ibm-fp4-sr-vec", "both, stochastic, one GradScale per GEMM output vector", **_FORWARD,
            dgrad_grad="log4-even-sr-vec", wgrad_grad="log4-odd-sr-vec"),
+    Recipe("ibm-fp4-geo", "both, nearest in the log domain (geometric midpoints)", **_FORWARD,
+           dgrad_grad="log4-even-geo", wgrad_grad="log4-odd-geo"),
     Recipe("radix2", "radix-2 FP4 on both, nearest", **_FORWARD, dgrad_grad="log2", wgrad_grad="log2"),
+    Recipe("radix2-geo", "radix-2 FP4 on both, nearest in the log domain", **_FORWARD, dgrad_grad="log2-geo",
+           wgrad_grad="log2-geo"),
     Recipe("radix2-sr", "radix-2 FP4 on both, stochastic", **_FORWARD, dgrad_grad="log2-sr", wgrad_grad="log2-sr"),
 )}
 

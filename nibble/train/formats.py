@@ -17,7 +17,9 @@ Formats:
 
 Rounding is ``"nearest"`` (ties to even for integers and minifloats, ties away from zero for the
 logarithmic formats) or ``"stochastic"`` (unbiased: rounds up with probability equal to the
-distance from the lower neighbour in units of the gap, resolved to ``2^-23``).
+distance from the lower neighbour in units of the gap, resolved to ``2^-23``). The logarithmic
+formats also take ``"nearest-log"``: nearest in the log domain (the midpoint of ``a`` and ``r·a``
+is ``a·sqrt(r)``), so that radix-4's even and odd phases always round in opposite directions.
 
 The implementations work on float32 bit fields and in place where they can: on a CPU the
 simulation cost is dominated by the number of elementwise passes.
@@ -34,8 +36,9 @@ import torch.nn.functional as F
 
 from nibble.errors import ConfigError
 
-Rounding = Literal["nearest", "stochastic"]
+Rounding = Literal["nearest", "stochastic", "nearest-log"]
 ROUNDINGS = ("nearest", "stochastic")
+LOG_ROUNDINGS = (*ROUNDINGS, "nearest-log")  # the logarithmic formats' roundings
 
 # --- float32 bit fields and rounding ---------------------------------------------------------
 
@@ -44,11 +47,12 @@ _MANTISSA_MASK = (1 << _MANTISSA_BITS) - 1
 _BIAS = 127
 _HALF = 1 << (_MANTISSA_BITS - 1)
 _TINY = torch.finfo(torch.float32).tiny
+_SQRT2_MANTISSA = math.ceil((math.sqrt(2.0) - 1.0) * (1 << _MANTISSA_BITS))  # m/2^23 >= sqrt(2) - 1
 
 
-def _check_rounding(rounding: str) -> None:
-    if rounding not in ROUNDINGS:
-        raise ConfigError(f"unknown rounding {rounding!r}: use one of {', '.join(ROUNDINGS)}")
+def _check_rounding(rounding: str, allowed: tuple[str, ...] = ROUNDINGS) -> None:
+    if rounding not in allowed:
+        raise ConfigError(f"unknown rounding {rounding!r}: use one of {', '.join(allowed)}")
 
 
 def random_mantissa(shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -154,11 +158,11 @@ def quantize_log(x: torch.Tensor, scale: torch.Tensor | float, fmt: LogFormat = 
 
     On the float32 bits of ``v = m·2^E``: the neighbours are ``2^L`` and ``2^(L+step)`` with ``L``
     the grid exponent at or just below ``E``; the mantissa decides. Below the smallest level the
-    neighbours are 0 and the smallest level.
+    neighbours are 0 and the smallest level (rounded as ``"nearest"`` under ``"nearest-log"`` too).
     """
     if fmt.step not in (1, 2):
         raise ConfigError(f"logarithmic formats need radix 2 or 4, got 2^{fmt.step}")
-    _check_rounding(rounding)
+    _check_rounding(rounding, LOG_ROUNDINGS)
     scale = _as_scale(scale, x)
     v = x.abs().div_(scale)
     bits = v.view(torch.int32)
@@ -173,7 +177,10 @@ def quantize_log(x: torch.Tensor, scale: torch.Tensor | float, fmt: LogFormat = 
         gap = 3
     stochastic = rounding == "stochastic"
     r = random_mantissa(v.shape, v.device) if stochastic else None
-    threshold.sub_(gap * r + 1 if stochastic else gap * _HALF).bitwise_right_shift_(31).add_(1)  # 1 = up
+    if rounding == "nearest-log":  # up iff v >= sqrt(radix) times the lower neighbour
+        threshold = odd if fmt.step == 2 else (threshold >= _SQRT2_MANTISSA).int()
+    else:
+        threshold.sub_(gap * r + 1 if stochastic else gap * _HALF).bitwise_right_shift_(31).add_(1)  # 1 = up
     field.add_(threshold.mul_(fmt.step)).clamp_(fmt.bottom + _BIAS, fmt.top + _BIAS)
     magnitude = _from_field(field)
     u = r.float().mul_(2.0 ** -_MANTISSA_BITS) if stochastic else 0.5

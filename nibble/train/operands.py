@@ -44,6 +44,8 @@ def _static_quantizers() -> dict[str, Quantizer]:
     for name, fmt in LOG_FORMATS.items():
         table[name] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt)
         table[f"{name}-sr"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, "stochastic")
+        # nearest in the log domain (geometric midpoints), an ablation of linear-domain nearest
+        table[f"{name}-geo"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, "nearest-log")
         # one GradScale per output vector of the GEMM (per row of dY in the input-gradient GEMM,
         # per column in the weight-gradient GEMM): scales outside the reduction, as hardware needs
         table[f"{name}-vec"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, dim=dim)

@@ -79,6 +79,46 @@ def test_log_round_trip_nearest_saturation_zero(name, scale):
     assert quantize_log(special, scale, fmt).tolist() == [top, -top, 0.0, 0.0]
 
 
+def brute_force_nearest_log(x: torch.Tensor, fmt) -> torch.Tensor:
+    """Nearest level in log2 (ties up) at or above the smallest level; linear nearest below it."""
+    exponents = torch.tensor(fmt.exponents, dtype=torch.float64).sort().values
+    v = x.abs().double()
+    distance = (torch.log2(v)[:, None] - exponents[None, :]).abs()
+    pick = (distance - torch.arange(len(exponents)) * 1e-9).argmin(1)  # ties to the larger level
+    magnitude = torch.exp2(exponents[pick])
+    bottom = 2.0 ** fmt.bottom
+    magnitude = torch.where(v < bottom, torch.where(v >= bottom / 2, bottom, 0.0), magnitude)
+    return magnitude.copysign(x.double()).float()
+
+
+@pytest.mark.parametrize("name", LOG_FORMATS)
+def test_log_nearest_in_log_domain_against_brute_force(name):
+    fmt = LOG_FORMATS[name]
+    x = torch.randn(20000) * torch.logspace(-5, 0.5, 20000)
+    assert torch.equal(quantize_log(x, 1.0, fmt, "nearest-log"), brute_force_nearest_log(x, fmt))
+    levels = log_levels(fmt)
+    assert torch.equal(quantize_log(levels, 1.0, fmt, "nearest-log"), levels)
+
+
+def test_log_nearest_in_log_domain_moves_the_midpoints():
+    # radix 4 even, neighbours 1/4 and 1: linear midpoint 0.625, geometric midpoint 0.5
+    x = torch.tensor([0.49, 0.5, 0.6])
+    assert quantize_log(x, 1.0, RADIX4_EVEN, "nearest").tolist() == [0.25, 0.25, 0.25]
+    assert quantize_log(x, 1.0, RADIX4_EVEN, "nearest-log").tolist() == [0.25, 1.0, 1.0]
+    # radix 2, neighbours 1/2 and 1: geometric midpoint 1/sqrt(2) = 0.7071
+    assert quantize_log(torch.tensor([0.7071, 0.7072]), 1.0, RADIX2, "nearest-log").tolist() == [0.5, 1.0]
+    # the two radix-4 phases round every value in opposite directions (in log2: one down, one up)
+    g = torch.rand(10000) * 0.9 + 0.01
+    even = quantize_log(g, 1.0, RADIX4_EVEN, "nearest-log")
+    odd = quantize_log(g, 1.0, RADIX4_ODD, "nearest-log")
+    assert torch.all((even - g) * (odd - g) <= 0)
+
+
+def test_nearest_log_is_only_for_log_formats():
+    with pytest.raises(ConfigError, match="nearest-log"):
+        quantize_int(torch.ones(3), 1.0, rounding="nearest-log")
+
+
 def test_log_ties_go_away_from_zero():
     # radix 2: 0.75 is the midpoint of 0.5 and 1
     assert quantize_log(torch.tensor([0.75, -0.75]), 1.0, RADIX2).tolist() == [1.0, -1.0]
