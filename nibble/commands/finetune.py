@@ -41,6 +41,9 @@ def add_parser(subparsers) -> None:
                       help="first step with a V step (V-step Adam moments accumulate from step 0)")
     tune.add_argument("--v-memory", type=float, default=0.0,
                       help="pv: carry this fraction of each V step's unrealised move to the next (default 0)")
+    tune.add_argument("--v-select", default="change", choices=["change", "gain"],
+                      help="pv: groups to re-encode are those whose proposed change is largest (change, default) "
+                           "or whose move lowers the linearized loss most, keeping only re-encodings that do (gain)")
     tune.add_argument("--lamb", action="store_true", help="LAMB instead of Adam for the P step")
     tune.add_argument("--train-non-quantized", action="store_true", help="also train embeddings and the output head")
     tune.add_argument("--freeze-norms", action="store_true", help="keep norm weights and biases fixed")
@@ -63,7 +66,7 @@ def build_config(args):
                       microbatch_size=args.microbatch_size, lr=args.lr, v_lr=args.v_lr, tau=args.tau,
                       trust_ratio=args.trust_ratio or None,
                       schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, v_every=args.v_every, v_start=args.v_start,
-                      v_memory=args.v_memory,
+                      v_memory=args.v_memory, v_select=args.v_select,
                       lamb=args.lamb, train_non_quantized=args.train_non_quantized,
                       train_norms=not args.freeze_norms, checkpointing=not args.no_checkpointing,
                       seed=args.seed).validate()

@@ -9,6 +9,7 @@ from typing import Any
 from nibble.errors import ConfigError
 
 MODES = ("pv", "ste")
+V_SELECTIONS = ("change", "gain")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -30,6 +31,10 @@ class TuneConfig:
     did not deliver (Y − Ŵ_new) that is added to the next V step's target; 0 forgets it, so a move
     smaller than the distance to the next representable value never changes a code; values near 1
     let consistent moves add up until they do (with 1, much like the STE shadow weight).
+    ``v_select`` (``pv`` only): ``change`` ranks groups by the size of the proposed move;
+    ``gain`` ranks them by the linearized loss decrease ⟨∇L, move⟩ and keeps only re-encodings
+    that lower the linearized loss. (Adam's first direction is sign(∇L), so at the first V step
+    every group proposes a move of the same size and ``change`` ranks them by position alone.)
     """
 
     mode: str = "pv"
@@ -45,6 +50,7 @@ class TuneConfig:
     v_every: int = 1
     v_start: int = 0
     v_memory: float = 0.0
+    v_select: str = "change"
     v_betas: tuple[float, float] = (0.9, 0.95)
     train_norms: bool = True
     train_non_quantized: bool = False
@@ -70,6 +76,10 @@ class TuneConfig:
             raise ConfigError("--steps must be >= 0 and --batch-size, --microbatch-size, --v-every >= 1")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
+        if self.v_select not in V_SELECTIONS:
+            raise ConfigError(f"unknown V-step selection {self.v_select!r}: use {' or '.join(V_SELECTIONS)}")
+        if self.v_select == "gain" and self.mode == "ste":
+            raise ConfigError("--v-select gain is for --mode pv (STE re-encodes onto its shadow weights)")
         if not 0.0 <= self.v_memory <= 1.0:
             raise ConfigError(f"--v-memory must lie in [0, 1], got {self.v_memory}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

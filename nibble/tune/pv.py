@@ -229,7 +229,8 @@ class PVTuner:
             if name in self.residuals:
                 target.add_(self.residuals[name])
         del move, direction
-        stats = v_step(layer, target, self.config.effective_tau, self.config.trust_ratio, current=current)
+        stats = v_step(layer, target, self.config.effective_tau, self.config.trust_ratio, current=current,
+                       grad=grad if self.config.v_select == "gain" else None)
         if self.config.mode == "pv" and self.config.v_memory > 0:
             self.residuals[name] = target.sub_(stats.weight).mul_(self.config.v_memory)
         self.dense[name] = stats.weight

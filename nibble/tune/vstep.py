@@ -9,9 +9,13 @@ One step, given a target dense weight Y (Ŵ minus an optimizer step for the line
 or the straight-through shadow weight for STE):
 
 1. score every group by ‖Y − Ŵ‖² over the group and keep the top fraction τ (subspace step);
-2. re-encode those groups towards Y;
+   or, given the loss gradient G (selection by gain), by the linearized loss decrease of the
+   proposed move, ⟨G, Ŵ − Y⟩ over the group;
+2. re-encode those groups towards Y; with the gradient, keep only groups whose actual change
+   lowers the linearized loss (⟨G, Ŵ − Ŵ_new⟩ > 0);
 3. with a trust ratio ρ, if ‖Ŵ_new − Ŵ‖ > ρ‖Ŵ‖, keep only the highest-scoring groups whose actual
-   changes fit in the budget and re-encode again from the old codes.
+   changes fit in the budget;
+4. if 2 or 3 dropped groups, re-encode the kept ones again from the old codes.
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ def group_view(weight: torch.Tensor, group_shape: tuple[int, int]) -> torch.Tens
 def group_sq_norms(delta: torch.Tensor, group_shape: tuple[int, int]) -> torch.Tensor:
     """Squared norm of ``delta`` in every group, shape ``group_shape``."""
     return group_view(delta.float(), group_shape).pow(2).sum(dim=(1, 3))
+
+
+def group_gains(grad: torch.Tensor, decrease: torch.Tensor, group_shape: tuple[int, int]) -> torch.Tensor:
+    """Linearized loss decrease ⟨grad, decrease⟩ in every group (``decrease`` = Ŵ − Ŵ_new)."""
+    return group_view(grad.float() * decrease.float(), group_shape).sum(dim=(1, 3))
 
 
 def top_fraction_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
@@ -82,25 +91,35 @@ def trust_mask(scores: torch.Tensor, selected: torch.Tensor, change_sq: torch.Te
 
 @torch.no_grad()
 def v_step(layer: QuantizedLinear, target: torch.Tensor, tau: float, trust_ratio: float | None = None,
-           current: torch.Tensor | None = None) -> VStepStats:
-    """Re-encode the fraction ``tau`` of ``layer``'s groups where ``target`` is farthest from Ŵ."""
+           current: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> VStepStats:
+    """Re-encode the fraction ``tau`` of ``layer``'s groups where ``target`` is farthest from Ŵ
+    (or, given the loss gradient ``grad``, where moving to it lowers the linearized loss most)."""
     before = layer.dequantize().detach().clone() if current is None else current
-    scores = group_sq_norms(target - before, layer.group_shape)
+    if grad is None:
+        scores = group_sq_norms(target - before, layer.group_shape)
+    else:
+        scores = group_gains(grad, before - target, layer.group_shape)
     mask = top_fraction_mask(scores, tau)
     if not mask.any():
         return VStepStats(0, 0, scores.numel(), 0.0, before)
-    saved = _buffers(layer) if trust_ratio is not None else None
+    saved = _buffers(layer) if trust_ratio is not None or grad is not None else None
     layer.project_(target, mask)
     after = layer.dequantize().detach()
     base_norm = before.float().norm().item()
     change = (after - before).float()
-    if trust_ratio is not None and change.norm().item() > trust_ratio * base_norm:
-        reduced = trust_mask(scores, mask, group_sq_norms(change, layer.group_shape), (trust_ratio * base_norm) ** 2)
+    change_sq = group_sq_norms(change, layer.group_shape)
+    kept = mask
+    if grad is not None:  # drop the groups whose re-encoding would raise the linearized loss
+        scores = group_gains(grad, -change, layer.group_shape)
+        kept = mask & ~((change_sq > 0) & (scores <= 0))
+    budget_sq = None if trust_ratio is None else (trust_ratio * base_norm) ** 2
+    if budget_sq is not None and change_sq[kept].sum().item() > budget_sq:
+        kept = trust_mask(scores, kept, change_sq, budget_sq)
+    if not torch.equal(kept, mask):
         _restore(layer, saved)
-        if reduced.any():
-            layer.project_(target, reduced)
-        mask = reduced
+        if kept.any():
+            layer.project_(target, kept)
         after = layer.dequantize().detach()
         change = (after - before).float()
     changed = int(changed_groups(before, after, layer.group_shape).sum())
-    return VStepStats(int(mask.sum()), changed, scores.numel(), change.norm().item() / max(base_norm, 1e-30), after)
+    return VStepStats(int(kept.sum()), changed, scores.numel(), change.norm().item() / max(base_norm, 1e-30), after)

@@ -7,7 +7,7 @@ import torch
 
 from nibble.formats.aqlm import AQLMLinear, codes_to_index
 from nibble.formats.scalar import ScalarQuantLinear
-from nibble.tune.vstep import changed_groups, group_sq_norms, top_fraction_mask, v_step
+from nibble.tune.vstep import changed_groups, group_gains, group_sq_norms, top_fraction_mask, v_step
 
 
 def scalar_layer(make_scalar_student, teacher) -> ScalarQuantLinear:
@@ -79,3 +79,37 @@ def test_v_step_with_tau_zero_or_an_unchanged_target_changes_nothing(make_scalar
     assert v_step(layer, before + 1.0, 0.0).changed == 0
     assert v_step(layer, before, 1.0).changed == 0
     assert torch.equal(layer.dequantize(), before)
+
+
+@pytest.mark.parametrize("fmt", ["scalar", "aqlm"])
+def test_gain_selection_keeps_only_re_encodings_that_lower_the_linearized_loss(fmt, make_scalar_student,
+                                                                              make_aqlm_student, teacher):
+    layer = scalar_layer(make_scalar_student, teacher) if fmt == "scalar" else aqlm_layer(make_aqlm_student, teacher)
+    before = layer.dequantize().clone()
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(before.shape, generator=g)
+    # a noisy move: mostly against the gradient, but many coordinates go the wrong way
+    target = before - (0.5 * grad.sign() + torch.randn(before.shape, generator=g)) * before.std()
+    stats = v_step(layer, target, tau=0.3, grad=grad)
+    after = layer.dequantize()
+    changed = changed_groups(before, after, layer.group_shape)
+    gains = group_gains(grad, before - after, layer.group_shape)
+    assert stats.changed == int(changed.sum()) > 0
+    assert (gains[changed] > 0).all()
+    assert_representable(layer)
+
+
+def test_gain_selection_ranks_groups_by_the_gradient_not_the_move(make_scalar_student, teacher):
+    layer = scalar_layer(make_scalar_student, teacher)
+    before = layer.dequantize().clone()
+    rows, cols = layer.group_shape
+    # every group is asked to move by the same amount; the gradient is large in a few groups only
+    grad = torch.full(before.shape, 1e-3)
+    hot = torch.zeros(layer.group_shape, dtype=torch.bool)
+    hot[0, : max(1, cols // 4)] = True
+    grad.view(rows, -1, cols, before.shape[1] // cols).masked_fill_(hot[:, None, :, None], 1.0)
+    target = before - 3 * before.std() * torch.sign(grad)
+    tau = hot.sum().item() / (rows * cols)
+    v_step(layer, target, tau=tau, grad=grad)
+    changed = changed_groups(before, layer.dequantize(), layer.group_shape)
+    assert changed.any() and not (changed & ~hot).any()
