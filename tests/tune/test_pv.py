@@ -56,7 +56,7 @@ def test_p_step_alone_never_touches_codes(make_scalar_student, teacher, windows)
 
 @pytest.mark.parametrize("bad", [dict(mode="qat"), dict(tau=1.5), dict(v_start=-1), dict(batch_size=0),
                                  dict(trust_ratio=0.0), dict(schedule="linear"), dict(min_lr_ratio=1.5),
-                                 dict(v_memory=1.5)])
+                                 dict(v_memory=1.5), dict(v_select="largest"), dict(mode="ste", v_select="gain")])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ConfigError):
         TuneConfig(**bad).validate()
@@ -85,6 +85,19 @@ def test_v_steps_wait_for_v_start_and_respect_the_trust_ratio(make_scalar_studen
     _, _, results = tune(make_scalar_student(teacher), teacher, windows, config, steps=4)
     assert [r.changed for r in results[:2]] == [0, 0] and results[2].changed > 0
     assert all(r.relative_change <= 0.05 + 1e-7 for r in results)
+
+
+def test_gain_selection_runs_in_the_tuner_and_moves_codes_downhill(make_scalar_student, teacher, windows):
+    config = TuneConfig(tau=0.05, v_lr=1.0, trust_ratio=None, v_select="gain").validate()
+    train = windows[:16]
+    tuner = PVTuner(make_scalar_student(teacher), TeacherOutputs(teacher, train), train, config)
+    name = "model.layers.0.mlp.down_proj"
+    layer = tuner.layers[name]
+    before = tuner.decoded(name).clone()
+    grad = torch.randn(before.shape, generator=torch.Generator().manual_seed(0))
+    stats = tuner._v_step_layer(name, layer, grad.clone())
+    assert stats.changed > 0
+    assert float((grad * (before - layer.dequantize())).sum()) > 0
 
 
 @pytest.mark.parametrize("memory", [0.0, 1.0])
