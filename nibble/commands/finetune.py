@@ -44,6 +44,9 @@ def add_parser(subparsers) -> None:
     tune.add_argument("--v-select", default="change", choices=["change", "gain"],
                       help="pv: groups to re-encode are those whose proposed change is largest (change, default) "
                            "or whose move lowers the linearized loss most, keeping only re-encodings that do (gain)")
+    tune.add_argument("--v-metric", default="plain", choices=["plain", "inputs"],
+                      help="error the V step's re-encoding minimises: plain squared error (default) or weighted "
+                           "per input column by the training inputs' mean square (AQLM)")
     tune.add_argument("--lamb", action="store_true", help="LAMB instead of Adam for the P step")
     tune.add_argument("--train-non-quantized", action="store_true", help="also train embeddings and the output head")
     tune.add_argument("--freeze-norms", action="store_true", help="keep norm weights and biases fixed")
@@ -66,7 +69,7 @@ def build_config(args):
                       microbatch_size=args.microbatch_size, lr=args.lr, v_lr=args.v_lr, tau=args.tau,
                       trust_ratio=args.trust_ratio or None,
                       schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, v_every=args.v_every, v_start=args.v_start,
-                      v_memory=args.v_memory, v_select=args.v_select,
+                      v_memory=args.v_memory, v_select=args.v_select, v_metric=args.v_metric,
                       lamb=args.lamb, train_non_quantized=args.train_non_quantized,
                       train_norms=not args.freeze_norms, checkpointing=not args.no_checkpointing,
                       seed=args.seed).validate()

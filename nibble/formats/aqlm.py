@@ -162,12 +162,18 @@ class AQLMLinear(QuantizedLinear):
         return (self.out_features, self.in_features // self.group_size)
 
     def project_(self, weight: torch.Tensor, groups: torch.Tensor | None = None, *,
-                 hessian: torch.Tensor | None = None, beam_size: int = 4) -> None:
+                 column_weights: torch.Tensor | None = None, hessian: torch.Tensor | None = None,
+                 beam_size: int = 4) -> None:
         """Re-encode ``weight`` in the selected groups by beam search; codebooks and scales stay.
 
         Without ``hessian`` each group is fit in plain squared error (groups are independent);
-        with it the codes minimise trace((W - Ŵ) H (W - Ŵ)ᵀ) group by group.
+        with it the codes minimise trace((W - Ŵ) H (W - Ŵ)ᵀ) group by group; ``column_weights``
+        is the diagonal case, H = diag(column_weights).
         """
+        if column_weights is not None:
+            if hessian is not None:
+                raise ValueError("pass column_weights or hessian, not both")
+            hessian = torch.diag(column_weights.float())
         from nibble.quantize.aqlm_search import beam_search
 
         with torch.no_grad():

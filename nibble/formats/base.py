@@ -54,10 +54,13 @@ class QuantizedLinear(nn.Module):
         """Bits this layer's weight costs on disk, by part (codes, codebooks, scales, ...)."""
         raise NotImplementedError
 
-    def project_(self, weight: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+    def project_(self, weight: torch.Tensor, groups: torch.Tensor | None = None, *,
+                 column_weights: torch.Tensor | None = None) -> None:
         """Re-encode ``weight`` onto representable values, only in the selected ``groups`` if given.
 
         ``groups`` is a boolean mask over the format's weight groups (``group_shape``).
+        ``column_weights`` [in] (positive): fit in the error weighted per input column,
+        Σ_j c_j (W − Ŵ)²_{·j} (e.g. the inputs' second moments), instead of plain squared error.
         """
         raise NotImplementedError
 

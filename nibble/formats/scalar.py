@@ -127,8 +127,11 @@ class ScalarQuantLinear(QuantizedLinear):
     def group_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
-    def project_(self, weight: torch.Tensor, groups: torch.Tensor | None = None) -> None:
-        """Round ``weight`` to this layer's grid (scales and zeros fixed), only where ``groups``."""
+    def project_(self, weight: torch.Tensor, groups: torch.Tensor | None = None, *,
+                 column_weights: torch.Tensor | None = None) -> None:
+        """Round ``weight`` to this layer's grid (scales and zeros fixed), only where ``groups``.
+
+        Each weight rounds on its own, so per-column weights of the error change nothing."""
         from nibble.kernels.reference import expand_groups
 
         group_scale = expand_groups(self.scales.float(), self.group_size, self.in_features)

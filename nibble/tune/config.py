@@ -10,6 +10,7 @@ from nibble.errors import ConfigError
 
 MODES = ("pv", "ste")
 V_SELECTIONS = ("change", "gain")
+V_METRICS = ("plain", "inputs")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -35,6 +36,10 @@ class TuneConfig:
     ``gain`` ranks them by the linearized loss decrease ⟨∇L, move⟩ and keeps only re-encodings
     that lower the linearized loss. (Adam's first direction is sign(∇L), so at the first V step
     every group proposes a move of the same size and ``change`` ranks them by position alone.)
+    ``v_metric``: the error a V step's re-encoding minimises, ``plain`` squared error or ``inputs``:
+    weighted per input column by the mean square of the layer's training inputs (the diagonal of
+    XᵀX), so that codes move least where the inputs are large (matters for AQLM only: a scalar
+    weight rounds on its own).
     """
 
     mode: str = "pv"
@@ -51,6 +56,7 @@ class TuneConfig:
     v_start: int = 0
     v_memory: float = 0.0
     v_select: str = "change"
+    v_metric: str = "plain"
     v_betas: tuple[float, float] = (0.9, 0.95)
     train_norms: bool = True
     train_non_quantized: bool = False
@@ -78,6 +84,8 @@ class TuneConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
         if self.v_select not in V_SELECTIONS:
             raise ConfigError(f"unknown V-step selection {self.v_select!r}: use {' or '.join(V_SELECTIONS)}")
+        if self.v_metric not in V_METRICS:
+            raise ConfigError(f"unknown V-step metric {self.v_metric!r}: use {' or '.join(V_METRICS)}")
         if self.v_select == "gain" and self.mode == "ste":
             raise ConfigError("--v-select gain is for --mode pv (STE re-encodes onto its shadow weights)")
         if not 0.0 <= self.v_memory <= 1.0:

@@ -35,6 +35,8 @@ from nibble.tune.vstep import VStepStats, v_step
 def _dense_forward(layer: QuantizedLinear, tuner: "PVTuner", name: str, x: torch.Tensor) -> torch.Tensor:
     """The layer's forward on the step's decoded weight (a leaf whose ``.grad`` is dL/dŴ)."""
     weight = tuner.decoded(name)
+    if tuner.input_sq is not None and torch.is_grad_enabled():
+        tuner.record_inputs(name, x)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return F.linear(x, weight.to(x.dtype), bias)
 
@@ -101,6 +103,8 @@ class PVTuner:
         self.shadows: dict[str, torch.Tensor] = {}  # ste: the dense shadow weights
         self.residuals: dict[str, torch.Tensor] = {}  # pv with v_memory: decayed Y − Ŵ_new
         self.dense: dict[str, torch.Tensor] = {}
+        # v_metric "inputs": per layer, the sum of squared inputs per column and the rows counted
+        self.input_sq: dict[str, list] | None = {} if config.v_metric == "inputs" else None
         self.step = 0
         self._install_hooks()
         if config.mode == "ste":
@@ -114,6 +118,22 @@ class PVTuner:
         if self.config.checkpointing:
             for block in decoder_blocks(self.student):
                 block.forward = functools.partial(_checkpointed_forward, block.forward)
+
+    @torch.no_grad()
+    def record_inputs(self, name: str, x: torch.Tensor) -> None:
+        """Add the squares of a training forward's inputs to layer ``name``'s column statistics."""
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        entry = self.input_sq.setdefault(name, [torch.zeros(flat.shape[1], device=flat.device), 0])
+        entry[0] += flat.pow(2).sum(0)
+        entry[1] += flat.shape[0]
+
+    def column_weights(self, name: str) -> torch.Tensor | None:
+        """Mean square of layer ``name``'s training inputs per column (None: plain metric or no data)."""
+        if self.input_sq is None or name not in self.input_sq:
+            return None
+        total, rows = self.input_sq[name]
+        mean_sq = total / rows
+        return mean_sq.clamp_min(1e-8 * float(mean_sq.max()))
 
     def owned_layers(self) -> list[str]:
         return [name for i, name in enumerate(self.layers) if self.dist.owner(i) == self.dist.rank]
@@ -230,7 +250,8 @@ class PVTuner:
                 target.add_(self.residuals[name])
         del move, direction
         stats = v_step(layer, target, self.config.effective_tau, self.config.trust_ratio, current=current,
-                       grad=grad if self.config.v_select == "gain" else None)
+                       grad=grad if self.config.v_select == "gain" else None,
+                       column_weights=self.column_weights(name))
         if self.config.mode == "pv" and self.config.v_memory > 0:
             self.residuals[name] = target.sub_(stats.weight).mul_(self.config.v_memory)
         self.dense[name] = stats.weight
@@ -278,6 +299,11 @@ class PVTuner:
         state.update(self.v_opt.state_tensors("v::"))
         state.update({f"shadow::{name}": t for name, t in self.shadows.items()})
         state.update({f"residual::{name}": t for name, t in self.residuals.items()})
+        owned = set(self.owned_layers())
+        for name, (total, rows) in (self.input_sq or {}).items():
+            if name in owned:
+                state[f"inputs::{name}"] = total
+                state[f"input_rows::{name}"] = torch.tensor([rows], dtype=torch.float64)
         return state
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -291,3 +317,6 @@ class PVTuner:
                 self.shadows[name] = tensors[f"shadow::{name}"].float().clone()
             if f"residual::{name}" in tensors:
                 self.residuals[name] = tensors[f"residual::{name}"].float().clone()
+            if self.input_sq is not None and f"inputs::{name}" in tensors:
+                self.input_sq[name] = [tensors[f"inputs::{name}"].float().clone(),
+                                       int(tensors[f"input_rows::{name}"].item())]

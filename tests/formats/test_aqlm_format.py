@@ -142,3 +142,22 @@ def test_nibble_checkpoint_tensors_round_trip_bit_exactly():
     assert isinstance(fresh[0], AQLMLinear)
     for name in ("codes", "codebooks", "scales"):
         assert torch.equal(getattr(fresh[0], name), getattr(layer, name)), name
+
+
+def test_project_with_column_weights_fits_the_heavy_columns_better():
+    target_layer, _ = make_layer(out_features=64, in_features=64, bias=False, seed=5)
+    weights = torch.ones(64)
+    weights[::8] = 1e4  # the first column of every group dominates the weighted error
+    target = target_layer.dequantize() + torch.randn(64, 64, generator=torch.Generator().manual_seed(6)) * 0.3
+    plain, _ = make_layer(out_features=64, in_features=64, bias=False, seed=5)
+    weighted, _ = make_layer(out_features=64, in_features=64, bias=False, seed=5)
+    plain.project_(target)
+    weighted.project_(target, column_weights=weights)
+
+    def weighted_error(layer):
+        return float(((layer.dequantize() - target) ** 2 * weights).sum())
+    heavy = slice(0, 64, 8)
+    assert weighted_error(weighted) < weighted_error(plain)
+    assert ((weighted.dequantize() - target)[:, heavy] ** 2).sum() < ((plain.dequantize() - target)[:, heavy] ** 2).sum()
+    with pytest.raises(ValueError, match="not both"):
+        weighted.project_(target, column_weights=weights, hessian=torch.eye(64))

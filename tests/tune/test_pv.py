@@ -56,7 +56,8 @@ def test_p_step_alone_never_touches_codes(make_scalar_student, teacher, windows)
 
 @pytest.mark.parametrize("bad", [dict(mode="qat"), dict(tau=1.5), dict(v_start=-1), dict(batch_size=0),
                                  dict(trust_ratio=0.0), dict(schedule="linear"), dict(min_lr_ratio=1.5),
-                                 dict(v_memory=1.5), dict(v_select="largest"), dict(mode="ste", v_select="gain")])
+                                 dict(v_memory=1.5), dict(v_select="largest"), dict(mode="ste", v_select="gain"),
+                                 dict(v_metric="hessian")])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ConfigError):
         TuneConfig(**bad).validate()
@@ -98,6 +99,28 @@ def test_gain_selection_runs_in_the_tuner_and_moves_codes_downhill(make_scalar_s
     stats = tuner._v_step_layer(name, layer, grad.clone())
     assert stats.changed > 0
     assert float((grad * (before - layer.dequantize().detach())).sum()) > 0
+
+
+def test_input_metric_weights_columns_by_the_training_inputs(make_aqlm_student, teacher, windows):
+    config = TuneConfig(tau=0.2, v_lr=2.0, trust_ratio=None, batch_size=4, v_metric="inputs").validate()
+    train = windows[:8]
+    tuner = PVTuner(make_aqlm_student(teacher), TeacherOutputs(teacher, train), train, config)
+    name = "model.layers.0.mlp.down_proj"
+    assert tuner.column_weights(name) is None  # nothing seen yet
+    tuner.evaluate(windows[8:10], TeacherOutputs(teacher, windows[8:10]))
+    assert tuner.column_weights(name) is None  # evaluation does not count
+    inputs = []
+    hook = tuner.layers[name].register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    result = tuner.train_step([0, 1, 2, 3])
+    hook.remove()
+    seen = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
+    expected = seen.pow(2).mean(0)  # every training forward (checkpoint recomputations too)
+    torch.testing.assert_close(tuner.column_weights(name), expected.clamp_min(1e-8 * float(expected.max())))
+    assert result.changed > 0
+    # the statistics travel with the optimizer state, so a resumed run weights columns the same way
+    resumed = PVTuner(make_aqlm_student(teacher), TeacherOutputs(teacher, train), train, config)
+    resumed.load_optimizer_state(tuner.local_optimizer_state())
+    assert torch.equal(resumed.column_weights(name), tuner.column_weights(name))
 
 
 @pytest.mark.parametrize("memory", [0.0, 1.0])
