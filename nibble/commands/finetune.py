@@ -44,9 +44,10 @@ def add_parser(subparsers) -> None:
     tune.add_argument("--v-select", default="change", choices=["change", "gain"],
                       help="pv: groups to re-encode are those whose proposed change is largest (change, default) "
                            "or whose move lowers the linearized loss most, keeping only re-encodings that do (gain)")
-    tune.add_argument("--v-metric", default="plain", choices=["plain", "inputs"],
-                      help="error the V step's re-encoding minimises: plain squared error (default) or weighted "
-                           "per input column by the training inputs' mean square (AQLM)")
+    tune.add_argument("--v-metric", default="plain", choices=["plain", "inputs", "hessian"],
+                      help="error the V step's re-encoding minimises: plain squared error (default), weighted "
+                           "per input column by the training inputs' mean square (inputs), or in the metric of "
+                           "the first step's input Hessian XᵀX (hessian; AQLM only)")
     tune.add_argument("--lamb", action="store_true", help="LAMB instead of Adam for the P step")
     tune.add_argument("--train-non-quantized", action="store_true", help="also train embeddings and the output head")
     tune.add_argument("--freeze-norms", action="store_true", help="keep norm weights and biases fixed")

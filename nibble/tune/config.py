@@ -10,7 +10,7 @@ from nibble.errors import ConfigError
 
 MODES = ("pv", "ste")
 V_SELECTIONS = ("change", "gain")
-V_METRICS = ("plain", "inputs")
+V_METRICS = ("plain", "inputs", "hessian")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -39,7 +39,8 @@ class TuneConfig:
     ``v_metric``: the error a V step's re-encoding minimises, ``plain`` squared error or ``inputs``:
     weighted per input column by the mean square of the layer's training inputs (the diagonal of
     XᵀX), so that codes move least where the inputs are large (matters for AQLM only: a scalar
-    weight rounds on its own).
+    weight rounds on its own); ``hessian``: in trace(ΔW H ΔWᵀ) with H = XᵀX of the first step's
+    inputs (damped as in AQLM calibration), the metric AQLM's codes were fitted in (AQLM only).
     """
 
     mode: str = "pv"

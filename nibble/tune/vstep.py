@@ -92,10 +92,11 @@ def trust_mask(scores: torch.Tensor, selected: torch.Tensor, change_sq: torch.Te
 @torch.no_grad()
 def v_step(layer: QuantizedLinear, target: torch.Tensor, tau: float, trust_ratio: float | None = None,
            current: torch.Tensor | None = None, grad: torch.Tensor | None = None,
-           column_weights: torch.Tensor | None = None) -> VStepStats:
+           metric: dict[str, torch.Tensor] | None = None) -> VStepStats:
     """Re-encode the fraction ``tau`` of ``layer``'s groups where ``target`` is farthest from Ŵ
     (or, given the loss gradient ``grad``, where moving to it lowers the linearized loss most);
-    ``column_weights`` weights the re-encoding's error per input column (see ``project_``)."""
+    ``metric`` (``column_weights`` or ``hessian``) is passed to ``project_``: the error the
+    re-encoding minimises."""
     before = layer.dequantize().detach().clone() if current is None else current
     if grad is None:
         scores = group_sq_norms(target - before, layer.group_shape)
@@ -105,7 +106,7 @@ def v_step(layer: QuantizedLinear, target: torch.Tensor, tau: float, trust_ratio
     if not mask.any():
         return VStepStats(0, 0, scores.numel(), 0.0, before)
     saved = _buffers(layer) if trust_ratio is not None or grad is not None else None
-    layer.project_(target, mask, column_weights=column_weights)
+    layer.project_(target, mask, **(metric or {}))
     after = layer.dequantize().detach()
     base_norm = before.float().norm().item()
     change = (after - before).float()
@@ -120,7 +121,7 @@ def v_step(layer: QuantizedLinear, target: torch.Tensor, tau: float, trust_ratio
     if not torch.equal(kept, mask):
         _restore(layer, saved)
         if kept.any():
-            layer.project_(target, kept, column_weights=column_weights)
+            layer.project_(target, kept, **(metric or {}))
         after = layer.dequantize().detach()
         change = (after - before).float()
     changed = int(changed_groups(before, after, layer.group_shape).sum())

@@ -57,7 +57,7 @@ def test_p_step_alone_never_touches_codes(make_scalar_student, teacher, windows)
 @pytest.mark.parametrize("bad", [dict(mode="qat"), dict(tau=1.5), dict(v_start=-1), dict(batch_size=0),
                                  dict(trust_ratio=0.0), dict(schedule="linear"), dict(min_lr_ratio=1.5),
                                  dict(v_memory=1.5), dict(v_select="largest"), dict(mode="ste", v_select="gain"),
-                                 dict(v_metric="hessian")])
+                                 dict(v_metric="xtx")])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ConfigError):
         TuneConfig(**bad).validate()
@@ -121,6 +121,26 @@ def test_input_metric_weights_columns_by_the_training_inputs(make_aqlm_student, 
     resumed = PVTuner(make_aqlm_student(teacher), TeacherOutputs(teacher, train), train, config)
     resumed.load_optimizer_state(tuner.local_optimizer_state())
     assert torch.equal(resumed.column_weights(name), tuner.column_weights(name))
+
+
+def test_hessian_metric_uses_the_first_steps_inputs(make_aqlm_student, make_scalar_student, teacher, windows):
+    config = TuneConfig(tau=0.2, v_lr=2.0, trust_ratio=None, batch_size=2, v_metric="hessian").validate()
+    train = windows[:8]
+    tuner = PVTuner(make_aqlm_student(teacher), TeacherOutputs(teacher, train), train, config)
+    name = "model.layers.0.self_attn.o_proj"
+    inputs = []
+    hook = tuner.layers[name].register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    first = tuner.train_step([0, 1])
+    hook.remove()
+    seen = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
+    hessian = tuner.projection_metric(name)["hessian"]
+    expected = seen.T @ seen / len(seen)
+    expected = expected / expected.diagonal().mean() + 0.01 * torch.eye(len(expected))
+    torch.testing.assert_close(hessian, expected, rtol=1e-4, atol=1e-5)
+    tuner.train_step([2, 3])  # later steps do not change it
+    assert torch.equal(tuner.projection_metric(name)["hessian"], hessian) and first.changed > 0
+    with pytest.raises(ConfigError, match="hessian"):
+        PVTuner(make_scalar_student(teacher), TeacherOutputs(teacher, train), train, config)
 
 
 @pytest.mark.parametrize("memory", [0.0, 1.0])
