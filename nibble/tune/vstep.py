@@ -45,6 +45,14 @@ def group_view(weight: torch.Tensor, group_shape: tuple[int, int]) -> torch.Tens
     return weight.reshape(rows, out_features // rows, cols, in_features // cols)
 
 
+def expand_mask(mask: torch.Tensor, weight_shape: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """A group mask ``[R, C]`` as a mask of the weight's elements."""
+    rows, cols = mask.shape
+    out_features, in_features = weight_shape
+    full = mask[:, None, :, None].expand(rows, out_features // rows, cols, in_features // cols)
+    return full.reshape(out_features, in_features)
+
+
 def group_sq_norms(delta: torch.Tensor, group_shape: tuple[int, int]) -> torch.Tensor:
     """Squared norm of ``delta`` in every group, shape ``group_shape``."""
     return group_view(delta.float(), group_shape).pow(2).sum(dim=(1, 3))
@@ -106,7 +114,13 @@ def v_step(layer: QuantizedLinear, target: torch.Tensor, tau: float, trust_ratio
     if not mask.any():
         return VStepStats(0, 0, scores.numel(), 0.0, before)
     saved = _buffers(layer) if trust_ratio is not None or grad is not None else None
-    layer.project_(target, mask, **(metric or {}))
+
+    def project(groups: torch.Tensor) -> None:
+        # the other groups' target is their current value: under a joint metric (a Hessian) the
+        # re-encoded groups must not try to make up for moves that are not being taken
+        layer.project_(torch.where(expand_mask(groups, before.shape), target, before), groups, **(metric or {}))
+
+    project(mask)
     after = layer.dequantize().detach()
     base_norm = before.float().norm().item()
     change = (after - before).float()
@@ -121,7 +135,7 @@ def v_step(layer: QuantizedLinear, target: torch.Tensor, tau: float, trust_ratio
     if not torch.equal(kept, mask):
         _restore(layer, saved)
         if kept.any():
-            layer.project_(target, kept, **(metric or {}))
+            project(kept)
         after = layer.dequantize().detach()
         change = (after - before).float()
     changed = int(changed_groups(before, after, layer.group_shape).sum())

@@ -7,7 +7,7 @@ import torch
 
 from nibble.formats.aqlm import AQLMLinear, codes_to_index
 from nibble.formats.scalar import ScalarQuantLinear
-from nibble.tune.vstep import changed_groups, group_gains, group_sq_norms, top_fraction_mask, v_step
+from nibble.tune.vstep import changed_groups, expand_mask, group_gains, group_sq_norms, top_fraction_mask, v_step
 
 
 def scalar_layer(make_scalar_student, teacher) -> ScalarQuantLinear:
@@ -113,3 +113,23 @@ def test_gain_selection_ranks_groups_by_the_gradient_not_the_move(make_scalar_st
     v_step(layer, target, tau=tau, grad=grad)
     changed = changed_groups(before, layer.dequantize(), layer.group_shape)
     assert changed.any() and not (changed & ~hot).any()
+
+
+def test_under_a_hessian_moves_not_taken_do_not_steer_the_re_encoded_groups(make_aqlm_student, teacher):
+    student = make_aqlm_student(teacher)
+    layer = aqlm_layer(lambda t: student, teacher)
+    twin = aqlm_layer(lambda t: make_aqlm_student(teacher), teacher)
+    before = layer.dequantize().clone()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, before.shape[1], generator=g) * torch.rand(before.shape[1], generator=g) * 3
+    metric = {"hessian": x.T @ x / 512 + 0.01 * torch.eye(before.shape[1])}
+    chosen = torch.zeros(layer.group_shape, dtype=torch.bool)
+    chosen[: chosen.shape[0] // 4, 0] = True  # these groups get the largest moves
+    elements = expand_mask(chosen, before.shape)
+    move = torch.randn(before.shape, generator=g) * before.std()
+    target = before + torch.where(elements, 2 * move, 0.5 * move)  # smaller moves everywhere else
+    tau = chosen.sum().item() / chosen.numel()
+    v_step(layer, target, tau, metric=metric)
+    v_step(twin, torch.where(elements, target, before), tau, metric=metric)  # only the chosen moves
+    assert changed_groups(before, layer.dequantize(), layer.group_shape).any()
+    assert torch.equal(layer.dequantize(), twin.dequantize())
