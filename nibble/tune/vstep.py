@@ -97,6 +97,16 @@ def trust_mask(scores: torch.Tensor, selected: torch.Tensor, change_sq: torch.Te
     return mask.view_as(scores)
 
 
+_MAX_PROJECTIONS = 4  # under a joint metric, re-encoding fewer groups can change them differently
+
+
+def _selection_scores(target: torch.Tensor, before: torch.Tensor, grad: torch.Tensor | None,
+                      group_shape: tuple[int, int]) -> torch.Tensor:
+    if grad is None:
+        return group_sq_norms(target - before, group_shape)
+    return group_gains(grad, before - target, group_shape)
+
+
 @torch.no_grad()
 def v_step(layer: QuantizedLinear, target: torch.Tensor, tau: float, trust_ratio: float | None = None,
            current: torch.Tensor | None = None, grad: torch.Tensor | None = None,
@@ -104,14 +114,13 @@ def v_step(layer: QuantizedLinear, target: torch.Tensor, tau: float, trust_ratio
     """Re-encode the fraction ``tau`` of ``layer``'s groups where ``target`` is farthest from Ŵ
     (or, given the loss gradient ``grad``, where moving to it lowers the linearized loss most);
     ``metric`` (``column_weights`` or ``hessian``) is passed to ``project_``: the error the
-    re-encoding minimises."""
+    re-encoding minimises. Groups are dropped (and the rest re-encoded again) until the kept ones
+    satisfy the gain and trust-ratio rules; with independent groups one round suffices, under a
+    Hessian at most ``_MAX_PROJECTIONS`` are made."""
     before = layer.dequantize().detach().clone() if current is None else current
-    if grad is None:
-        scores = group_sq_norms(target - before, layer.group_shape)
-    else:
-        scores = group_gains(grad, before - target, layer.group_shape)
-    mask = top_fraction_mask(scores, tau)
-    if not mask.any():
+    scores = _selection_scores(target, before, grad, layer.group_shape)
+    applied = top_fraction_mask(scores, tau)
+    if not applied.any():
         return VStepStats(0, 0, scores.numel(), 0.0, before)
     saved = _buffers(layer) if trust_ratio is not None or grad is not None else None
 
@@ -120,23 +129,25 @@ def v_step(layer: QuantizedLinear, target: torch.Tensor, tau: float, trust_ratio
         # re-encoded groups must not try to make up for moves that are not being taken
         layer.project_(torch.where(expand_mask(groups, before.shape), target, before), groups, **(metric or {}))
 
-    project(mask)
-    after = layer.dequantize().detach()
+    project(applied)
     base_norm = before.float().norm().item()
-    change = (after - before).float()
-    change_sq = group_sq_norms(change, layer.group_shape)
-    kept = mask
-    if grad is not None:  # drop the groups whose re-encoding would raise the linearized loss
-        scores = group_gains(grad, -change, layer.group_shape)
-        kept = mask & ~((change_sq > 0) & (scores <= 0))
     budget_sq = None if trust_ratio is None else (trust_ratio * base_norm) ** 2
-    if budget_sq is not None and change_sq[kept].sum().item() > budget_sq:
-        kept = trust_mask(scores, kept, change_sq, budget_sq)
-    if not torch.equal(kept, mask):
+    for _ in range(_MAX_PROJECTIONS):
+        change = (layer.dequantize().detach() - before).float()
+        change_sq = group_sq_norms(change, layer.group_shape)
+        kept = applied
+        if grad is not None:  # drop the groups whose re-encoding would raise the linearized loss
+            scores = group_gains(grad, -change, layer.group_shape)
+            kept = kept & ~((change_sq > 0) & (scores <= 0))
+        if budget_sq is not None and change_sq[kept].sum().item() > budget_sq:
+            kept = trust_mask(scores, kept, change_sq, budget_sq)
+        if torch.equal(kept, applied):
+            break
         _restore(layer, saved)
+        applied = kept
         if kept.any():
             project(kept)
-        after = layer.dequantize().detach()
-        change = (after - before).float()
+    after = layer.dequantize().detach()
+    change = (after - before).float()
     changed = int(changed_groups(before, after, layer.group_shape).sum())
-    return VStepStats(int(kept.sum()), changed, scores.numel(), change.norm().item() / max(base_norm, 1e-30), after)
+    return VStepStats(int(applied.sum()), changed, scores.numel(), change.norm().item() / max(base_norm, 1e-30), after)

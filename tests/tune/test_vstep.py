@@ -62,12 +62,17 @@ def test_v_step_changes_at_most_tau_of_the_groups_onto_representable_values(fmt,
     assert_representable(layer)
 
 
-@pytest.mark.parametrize("fmt", ["scalar", "aqlm"])
+@pytest.mark.parametrize("fmt", ["scalar", "aqlm", "aqlm-hessian"])
 def test_trust_ratio_caps_the_relative_change(fmt, make_scalar_student, make_aqlm_student, teacher):
     layer = scalar_layer(make_scalar_student, teacher) if fmt == "scalar" else aqlm_layer(make_aqlm_student, teacher)
     before = layer.dequantize().clone()
-    target = before + torch.randn(before.shape, generator=torch.Generator().manual_seed(2)) * before.std() * 3
-    stats = v_step(layer, target, tau=0.5, trust_ratio=0.05)
+    g = torch.Generator().manual_seed(2)
+    target = before + torch.randn(before.shape, generator=g) * before.std() * 3
+    metric = None
+    if fmt == "aqlm-hessian":
+        x = torch.randn(512, before.shape[1], generator=g)
+        metric = {"hessian": x.T @ x / 512 + 0.01 * torch.eye(before.shape[1])}
+    stats = v_step(layer, target, tau=0.5, trust_ratio=0.05, metric=metric)
     change = (layer.dequantize() - before).norm() / before.norm()
     assert 0 < change <= 0.05 + 1e-6 and stats.relative_change == pytest.approx(change.item(), rel=1e-5)
     assert_representable(layer)
