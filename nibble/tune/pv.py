@@ -14,7 +14,6 @@ One training step on a global batch of windows:
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -22,26 +21,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nibble.errors import ConfigError
 from nibble.formats.base import QuantizedLinear
 from nibble.models import decoder_blocks
-from nibble.quantize.aqlm import AQLMConfig, prepare_hessian
 from nibble.tune.config import TuneConfig
 from nibble.tune.distributed import Dist
 from nibble.tune.kl import Head, chunked_kl, chunked_nll
+from nibble.tune.metric import InputStatistics, check_metric_supported
 from nibble.tune.optim import NamedAdam
 from nibble.tune.teacher import TeacherOutputs, final_hidden
 from nibble.tune.vstep import VStepStats, v_step
-
-HESSIAN_DAMPING = AQLMConfig.damping  # relative to the mean diagonal, as in AQLM calibration
 
 
 # --- the dense weights of one step -----------------------------------------------------------
 def _dense_forward(layer: QuantizedLinear, tuner: "PVTuner", name: str, x: torch.Tensor) -> torch.Tensor:
     """The layer's forward on the step's decoded weight (a leaf whose ``.grad`` is dL/dŴ)."""
     weight = tuner.decoded(name)
-    if tuner.records_inputs and torch.is_grad_enabled():
-        tuner.record_inputs(name, x)
+    if tuner.inputs.wanted(tuner.step) and torch.is_grad_enabled():
+        tuner.inputs.record(name, x)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return F.linear(x, weight.to(x.dtype), bias)
 
@@ -108,12 +104,8 @@ class PVTuner:
         self.shadows: dict[str, torch.Tensor] = {}  # ste: the dense shadow weights
         self.residuals: dict[str, torch.Tensor] = {}  # pv with v_memory: decayed Y − Ŵ_new
         self.dense: dict[str, torch.Tensor] = {}
-        # v_metric inputs / hessian: per layer, the sum of squared inputs per column (inputs) or of
-        # xᵀx over the first step (hessian), and the rows counted
-        self.input_stats: dict[str, list] = {}
-        self._hessians: dict[str, torch.Tensor] = {}
-        if config.v_metric == "hessian":
-            self._check_hessian_projection()
+        check_metric_supported(config.v_metric, self.layers)
+        self.inputs = InputStatistics(config.v_metric)  # defines the V step's re-encoding metric
         self.step = 0
         self._install_hooks()
         if config.mode == "ste":
@@ -127,49 +119,6 @@ class PVTuner:
         if self.config.checkpointing:
             for block in decoder_blocks(self.student):
                 block.forward = functools.partial(_checkpointed_forward, block.forward)
-
-    def _check_hessian_projection(self) -> None:
-        for name, layer in self.layers.items():
-            if "hessian" not in inspect.signature(layer.project_).parameters:
-                raise ConfigError(f"--v-metric hessian needs a format whose re-encoding takes a Hessian "
-                                  f"(AQLM); layer {name} is {layer.format_name}")
-
-    @property
-    def records_inputs(self) -> bool:
-        metric = self.config.v_metric
-        return metric == "inputs" or (metric == "hessian" and self.step == 0)
-
-    @torch.no_grad()
-    def record_inputs(self, name: str, x: torch.Tensor) -> None:
-        """Add a training forward's inputs to layer ``name``'s statistics (see ``v_metric``)."""
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        if self.config.v_metric == "inputs":
-            stat = flat.pow(2).sum(0)
-        else:
-            stat = flat.T @ flat
-        entry = self.input_stats.setdefault(name, [torch.zeros_like(stat), 0])
-        entry[0] += stat
-        entry[1] += flat.shape[0]
-
-    def column_weights(self, name: str) -> torch.Tensor | None:
-        """Mean square of layer ``name``'s training inputs per column (None: other metric or no data)."""
-        if self.config.v_metric != "inputs" or name not in self.input_stats:
-            return None
-        total, rows = self.input_stats[name]
-        mean_sq = total / rows
-        return mean_sq.clamp_min(1e-8 * float(mean_sq.max()))
-
-    def projection_metric(self, name: str) -> dict[str, torch.Tensor]:
-        """Keyword arguments of ``project_`` for layer ``name`` under ``v_metric``."""
-        if self.config.v_metric == "inputs":
-            weights = self.column_weights(name)
-            return {} if weights is None else {"column_weights": weights}
-        if self.config.v_metric == "hessian" and name in self.input_stats:
-            if name not in self._hessians:
-                total, rows = self.input_stats[name]
-                self._hessians[name] = prepare_hessian(total / rows, HESSIAN_DAMPING, total.device)
-            return {"hessian": self._hessians[name]}
-        return {}
 
     def owned_layers(self) -> list[str]:
         return [name for i, name in enumerate(self.layers) if self.dist.owner(i) == self.dist.rank]
@@ -287,7 +236,7 @@ class PVTuner:
         del move, direction
         stats = v_step(layer, target, self.config.effective_tau, self.config.trust_ratio, current=current,
                        grad=grad if self.config.v_select == "gain" else None,
-                       metric=self.projection_metric(name))
+                       metric=self.inputs.project_kwargs(name))
         if self.config.mode == "pv" and self.config.v_memory > 0:
             self.residuals[name] = target.sub_(stats.weight).mul_(self.config.v_memory)
         self.dense[name] = stats.weight
@@ -335,11 +284,7 @@ class PVTuner:
         state.update(self.v_opt.state_tensors("v::"))
         state.update({f"shadow::{name}": t for name, t in self.shadows.items()})
         state.update({f"residual::{name}": t for name, t in self.residuals.items()})
-        owned = set(self.owned_layers())
-        for name, (total, rows) in self.input_stats.items():
-            if name in owned:
-                state[f"inputs::{name}"] = total
-                state[f"input_rows::{name}"] = torch.tensor([rows], dtype=torch.float64)
+        state.update(self.inputs.state_tensors(set(self.owned_layers())))
         return state
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -353,6 +298,4 @@ class PVTuner:
                 self.shadows[name] = tensors[f"shadow::{name}"].float().clone()
             if f"residual::{name}" in tensors:
                 self.residuals[name] = tensors[f"residual::{name}"].float().clone()
-            if f"inputs::{name}" in tensors:
-                self.input_stats[name] = [tensors[f"inputs::{name}"].float().clone(),
-                                       int(tensors[f"input_rows::{name}"].item())]
+        self.inputs.load_state_tensors(tensors, owned)

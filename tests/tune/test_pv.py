@@ -101,48 +101,6 @@ def test_gain_selection_runs_in_the_tuner_and_moves_codes_downhill(make_scalar_s
     assert float((grad * (before - layer.dequantize().detach())).sum()) > 0
 
 
-def test_input_metric_weights_columns_by_the_training_inputs(make_aqlm_student, teacher, windows):
-    config = TuneConfig(tau=0.2, v_lr=2.0, trust_ratio=None, batch_size=4, v_metric="inputs").validate()
-    train = windows[:8]
-    tuner = PVTuner(make_aqlm_student(teacher), TeacherOutputs(teacher, train), train, config)
-    name = "model.layers.0.mlp.down_proj"
-    assert tuner.column_weights(name) is None  # nothing seen yet
-    tuner.evaluate(windows[8:10], TeacherOutputs(teacher, windows[8:10]))
-    assert tuner.column_weights(name) is None  # evaluation does not count
-    inputs = []
-    hook = tuner.layers[name].register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
-    result = tuner.train_step([0, 1, 2, 3])
-    hook.remove()
-    seen = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
-    expected = seen.pow(2).mean(0)  # every training forward (checkpoint recomputations too)
-    torch.testing.assert_close(tuner.column_weights(name), expected.clamp_min(1e-8 * float(expected.max())))
-    assert result.changed > 0
-    # the statistics travel with the optimizer state, so a resumed run weights columns the same way
-    resumed = PVTuner(make_aqlm_student(teacher), TeacherOutputs(teacher, train), train, config)
-    resumed.load_optimizer_state(tuner.local_optimizer_state())
-    assert torch.equal(resumed.column_weights(name), tuner.column_weights(name))
-
-
-def test_hessian_metric_uses_the_first_steps_inputs(make_aqlm_student, make_scalar_student, teacher, windows):
-    config = TuneConfig(tau=0.2, v_lr=2.0, trust_ratio=None, batch_size=2, v_metric="hessian").validate()
-    train = windows[:8]
-    tuner = PVTuner(make_aqlm_student(teacher), TeacherOutputs(teacher, train), train, config)
-    name = "model.layers.0.self_attn.o_proj"
-    inputs = []
-    hook = tuner.layers[name].register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
-    first = tuner.train_step([0, 1])
-    hook.remove()
-    seen = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
-    hessian = tuner.projection_metric(name)["hessian"]
-    expected = seen.T @ seen / len(seen)
-    expected = expected / expected.diagonal().mean() + 0.01 * torch.eye(len(expected))
-    torch.testing.assert_close(hessian, expected, rtol=1e-4, atol=1e-5)
-    tuner.train_step([2, 3])  # later steps do not change it
-    assert torch.equal(tuner.projection_metric(name)["hessian"], hessian) and first.changed > 0
-    with pytest.raises(ConfigError, match="hessian"):
-        PVTuner(make_scalar_student(teacher), TeacherOutputs(teacher, train), train, config)
-
-
 @pytest.mark.parametrize("memory", [0.0, 1.0])
 def test_v_memory_lets_small_moves_add_up_to_a_code_change(memory, make_scalar_student, teacher, windows):
     """A move of 0.3 grid steps never changes a code alone; with memory 1 two such moves make 0.6
