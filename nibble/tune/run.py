@@ -28,6 +28,7 @@ from nibble.formats.checkpoint import (PARTIAL, PROGRESS, load_tensors, prepare_
                                        refuse_used_output_dir, save_quantized, save_tensors_atomic, write_json_atomic)
 from nibble.tune.config import TuneConfig
 from nibble.tune.distributed import Dist
+from nibble.tune.metric import check_metric_supported
 from nibble.tune.pv import PVTuner, quantized_layers
 from nibble.tune.teacher import TeacherOutputs, check_compatible
 
@@ -204,6 +205,7 @@ def finetune_to_dir(student_dir: str, teacher_spec: str, out_dir: str | Path, co
     student = load_model(student_dir, device=device)
     if not quantized_layers(student):
         raise NibbleError(f"{student_dir} has no quantized layers to tune")
+    check_metric_supported(config.v_metric, quantized_layers(student))  # before the run writes anything
     teacher_model = load_model(teacher_spec, device=device)
     check_compatible(student, teacher_model)
     train, held_out = data.windows(tokenizer)

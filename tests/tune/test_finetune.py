@@ -102,6 +102,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 @pytest.mark.parametrize("extra,message", [
     (["--tau", "2"], "--tau must lie in [0, 1]"),
     (["--mode", "qat"], None),
+    (["--mode", "ste", "--v-select", "gain"], "--v-select gain is for --mode pv"),
 ])
 def test_bad_settings_are_one_line_errors(capsys, tmp_path, dirs, corpus_file, extra, message):
     teacher_dir, qdir = dirs
@@ -120,3 +121,12 @@ def test_a_float_model_or_a_busy_output_folder_is_refused(capsys, tmp_path, dirs
     assert code == 2 and "no quantized layers" in err
     code, _, err = run_cli(capsys, "finetune", qdir, "--teacher", teacher_dir, "--out", qdir, "--calib", corpus_file)
     assert code == 2 and "already exists" in err
+
+
+def test_a_hessian_metric_on_a_scalar_model_is_refused_and_the_folder_stays_usable(capsys, tmp_path, dirs,
+                                                                                   corpus_file):
+    teacher_dir, qdir = dirs
+    args = ["finetune", qdir, "--teacher", teacher_dir, *tune_args(corpus_file, steps=1), "--out", tmp_path / "ft"]
+    code, _, err = run_cli(capsys, *args, "--v-metric", "hessian")
+    assert code == 2 and "--v-metric hessian needs" in err and "scalar" in err
+    assert run_cli(capsys, *args)[0] == 0  # the same --out, now with a valid setting
