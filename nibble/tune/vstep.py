@@ -133,7 +133,8 @@ def v_step(layer: QuantizedLinear, target: torch.Tensor, tau: float, trust_ratio
     base_norm = before.float().norm().item()
     budget_sq = None if trust_ratio is None else (trust_ratio * base_norm) ** 2
     for _ in range(_MAX_PROJECTIONS):
-        change = (layer.dequantize().detach() - before).float()
+        after = layer.dequantize().detach()
+        change = (after - before).float()
         change_sq = group_sq_norms(change, layer.group_shape)
         kept = applied
         if grad is not None:  # drop the groups whose re-encoding would raise the linearized loss
@@ -147,7 +148,8 @@ def v_step(layer: QuantizedLinear, target: torch.Tensor, tau: float, trust_ratio
         applied = kept
         if kept.any():
             project(kept)
-    after = layer.dequantize().detach()
-    change = (after - before).float()
+    else:  # the last re-encoding was not checked
+        after = layer.dequantize().detach()
+        change = (after - before).float()
     changed = int(changed_groups(before, after, layer.group_shape).sum())
     return VStepStats(int(applied.sum()), changed, scores.numel(), change.norm().item() / max(base_norm, 1e-30), after)
