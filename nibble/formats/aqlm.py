@@ -70,6 +70,7 @@ class AQLMLinear(QuantizedLinear):
     """
 
     format_name = "aqlm"
+    projects_under_hessian = True
     #: keep the decoded dense weight between forwards while nothing changes (set False to save memory)
     cache_dequantized: ClassVar[bool] = True
     #: on-disk dtypes of floating tensors (read by ``nibble.formats.checkpoint.storage_state_dict``)

@@ -29,6 +29,8 @@ class QuantizedLinear(nn.Module):
     """A linear layer whose weight is stored compressed. Subclasses set ``format_name``."""
 
     format_name: ClassVar[str]
+    #: ``project_`` takes ``hessian=`` (re-encodes in trace(ΔW H ΔWᵀ) rather than squared error)
+    projects_under_hessian: ClassVar[bool] = False
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None = None):
         super().__init__()

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 
 from nibble.errors import ConfigError
 
-Rounding = Literal["nearest", "stochastic", "nearest-log"]
+Rounding = Literal["nearest", "stochastic"]
+LogRounding = Literal["nearest", "stochastic", "nearest-log"]  # the logarithmic formats' roundings
 ROUNDINGS = ("nearest", "stochastic")
-LOG_ROUNDINGS = (*ROUNDINGS, "nearest-log")  # the logarithmic formats' roundings
+LOG_ROUNDINGS = (*ROUNDINGS, "nearest-log")
 
 # --- float32 bit fields and rounding ---------------------------------------------------------
 
@@ -153,7 +154,7 @@ def log_levels(fmt: LogFormat, scale: float = 1.0) -> torch.Tensor:
 
 
 def quantize_log(x: torch.Tensor, scale: torch.Tensor | float, fmt: LogFormat = RADIX4_EVEN,
-                 rounding: Rounding = "nearest") -> torch.Tensor:
+                 rounding: LogRounding = "nearest") -> torch.Tensor:
     """Round ``|x| / scale`` onto the format's magnitudes (saturating at the top) and restore sign/scale.
 
     On the float32 bits of ``v = m·2^E``: the neighbours are ``2^L`` and ``2^(L+step)`` with ``L``

@@ -25,7 +25,7 @@ import torch
 
 from nibble.errors import ConfigError
 from nibble.train.formats import (
-    RADIX2, RADIX4_EVEN, RADIX4_ODD, LogFormat, Rounding, int_range, quantize_int, quantize_log,
+    RADIX2, RADIX4_EVEN, RADIX4_ODD, LogFormat, LogRounding, int_range, quantize_int, quantize_log,
 )
 
 # --- SAWB ----------------------------------------------------------------------------------
@@ -165,14 +165,14 @@ def grad_scale(g: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(mantissa), exponent - (mantissa == 0.5).int())
 
 
-def quantize_grad_log(g: torch.Tensor, fmt: LogFormat, rounding: Rounding = "nearest",
+def quantize_grad_log(g: torch.Tensor, fmt: LogFormat, rounding: LogRounding = "nearest",
                       dim: int | None = None) -> torch.Tensor:
     """Logarithmic FP4 gradient with a per-tensor GradScale, or (``dim``: the GEMM's reduction
     dimension) one GradScale per output vector of the GEMM (an ablation of the per-tensor scale)."""
     return quantize_log(g, grad_scale(g, dim), fmt, rounding)
 
 
-def two_phase_round(g: torch.Tensor, rounding: Rounding = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
+def two_phase_round(g: torch.Tensor, rounding: LogRounding = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
     """Radix-4 FP4 copies of ``g`` under one GradScale: (even powers of two, odd powers of two)."""
     scale = grad_scale(g)
     return quantize_log(g, scale, RADIX4_EVEN, rounding), quantize_log(g, scale, RADIX4_ODD, rounding)

@@ -9,12 +9,10 @@ process that owns it, with what that process saw.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
-from torch import nn
 
 from nibble.errors import ConfigError
+from nibble.formats.base import QuantizedLinear
 from nibble.quantize.aqlm import AQLMConfig, prepare_hessian
 
 HESSIAN_DAMPING = AQLMConfig.damping  # relative to the mean diagonal, as in AQLM calibration
@@ -71,11 +69,11 @@ class InputStatistics:
                 self.rows[name] = int(tensors[f"input_rows::{name}"].item())
 
 
-def check_metric_supported(metric: str, layers: dict[str, nn.Module]) -> None:
+def check_metric_supported(metric: str, layers: dict[str, QuantizedLinear]) -> None:
     """Refuse ``hessian`` when a layer's format cannot re-encode under a Hessian (scalar formats)."""
     if metric != "hessian":
         return
     for name, layer in layers.items():
-        if "hessian" not in inspect.signature(layer.project_).parameters:
+        if not layer.projects_under_hessian:
             raise ConfigError(f"--v-metric hessian needs a format whose re-encoding takes a Hessian "
                               f"(AQLM); layer {name} is {layer.format_name}")
