@@ -6,13 +6,15 @@ hits all of them alike, and the table shows medians and the ratio to transformer
 the fp32 model measured in the same run.
 
     NIBBLE_DATA=../shared/data python benchmarks/decode.py [--tokens 64] [--repeats 5] [--threads 2,1]
-        [--aqlm DIR [--head-bits 8 4]] [--torch-backend] [--no-llama-cpp]
+        [--aqlm DIR [--head-bits 8 4]] [--torch-backend] [--no-llama-cpp] [--device cuda]
 
 Decode tok/s counts the tokens after the first (each costs one forward of one token); prompt tok/s
 is prompt length / time to the first token. A run stops early after ``--max-seconds`` of decoding
 (transformers and llama.cpp; rates are over the tokens made). Every engine runs at each thread count of
 ``--threads``; the ratio compares with transformers at the same thread count. ``--aqlm DIR`` adds
 a nibble checkpoint (e.g. AQLM 2x8). ``NIBBLE_DATA`` is needed once, to make the IQ2_XXS file.
+With ``--device cuda`` the models run in float16 on the GPU (nibble's default backend there replays
+CUDA graphs; ``--torch-backend`` adds the eager step) and llama.cpp's CPU rows are left out.
 """
 
 from __future__ import annotations
@@ -54,11 +56,15 @@ def transformers_engine(model, threads: int, max_seconds: float) -> Engine:
         return time.perf_counter() - begin, out.shape[1] - ids.shape[1]
 
     def run(prompt: list[int], tokens: int):
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=model.device)
         first, _ = generate(ids, 1)
         total, produced = generate(ids, tokens)
         return first, total - first, produced - 1
-    return Engine("transformers generate", "fp32", threads, run)
+    return Engine("transformers generate", dtype_label(model), threads, run)
+
+
+def dtype_label(model) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[next(model.parameters()).dtype]
 
 
 def nibble_engine(model, label: str, threads: int, backend: str = "auto") -> Engine:
@@ -101,24 +107,34 @@ def build_engines(args) -> tuple[list[Engine], list[int]]:
     from nibble.models import load_model, load_tokenizer
     from nibble.models.loading import resolve_spec
 
-    model = load_model("smollm2-135m")
+    gpu = args.device != "cpu"
+    dtype = torch.float16 if gpu else torch.float32
+
+    def load(spec: str):
+        return load_model(spec, dtype=dtype, device=args.device)
+
+    model = load("smollm2-135m")
     tokenizer = load_tokenizer("smollm2-135m")
     prompt = tokenizer(PROMPT)["input_ids"]
-    paths = None if args.no_llama_cpp else llama_cpp_files(model, tokenizer, resolve_spec("smollm2-135m"))
-    torch_model = load_model("smollm2-135m") if args.torch_backend else None
-    aqlm_model = load_model(args.aqlm) if args.aqlm else None
+    skip_llama_cpp = args.no_llama_cpp or gpu
+    paths = None if skip_llama_cpp else llama_cpp_files(model, tokenizer, resolve_spec("smollm2-135m"))
+    torch_model = load("smollm2-135m") if args.torch_backend else None
+    aqlm_model = load(args.aqlm) if args.aqlm else None
     rounded_heads = {}  # bits -> the AQLM model with its head rounded to that many bits
     if args.aqlm:
         from nibble.runtime.head import quantize_head
 
-        rounded_heads = {bits: quantize_head(load_model(args.aqlm), bits) for bits in args.head_bits}
+        rounded_heads = {bits: quantize_head(load(args.aqlm), bits) for bits in args.head_bits}
     engines = []
+    label = dtype_label(model)
     for threads in args.threads:
-        engines += [transformers_engine(model, threads, args.max_seconds), nibble_engine(model, "fp32", threads)]
+        engines += [transformers_engine(model, threads, args.max_seconds), nibble_engine(model, label, threads)]
         if torch_model is not None:
-            engines.append(nibble_engine(torch_model, "fp32", threads, backend="torch"))
+            engines.append(nibble_engine(torch_model, label, threads, backend="torch"))
         if aqlm_model is not None:
             engines.append(nibble_engine(aqlm_model, Path(args.aqlm).name, threads))
+            if args.torch_backend:
+                engines.append(nibble_engine(load(args.aqlm), Path(args.aqlm).name, threads, backend="torch"))
         for bits, rounded in rounded_heads.items():
             engines.append(nibble_engine(rounded, f"{Path(args.aqlm).name} + int{bits} head", threads))
         for name, path in (paths or {}).items():
@@ -187,12 +203,16 @@ def main(argv: list[str] | None = None) -> int:
                              "(nibble.runtime.head, default group sizes)")
     parser.add_argument("--torch-backend", action="store_true", help="add nibble's eager-torch backend row")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: float16 models on the GPU")
     args = parser.parse_args(argv)
     engines, prompt = build_engines(args)
     measure(engines, prompt, args.tokens, args.repeats)
     print(f"batch 1, prompt {len(prompt)} tokens, {args.tokens} new tokens, greedy, "
           f"median of {args.repeats} interleaved runs")
     print(table(engines))
+    if args.device != "cpu":
+        print(f"device: {torch.cuda.get_device_name()}")
+        return 0
     print("memory read bandwidth (torch.sum over 512 MB, best of 5): "
           + ", ".join(f"{read_bandwidth(t):.1f} GB/s at {t} thread(s)" for t in args.threads))
     return 0

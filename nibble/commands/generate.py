@@ -36,8 +36,9 @@ def _add_common(parser) -> None:
     parser.add_argument("--max-len", type=int, default=2048, help="KV cache length in tokens (default 2048)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     add_head_arguments(parser)
-    parser.add_argument("--backend", default="auto", choices=("auto", "cpp", "torch"),
-                        help="decode step: fused C++ (CPU, float32), eager torch, or auto (default)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "cpp", "torch", "graph"),
+                        help="decode step: fused C++ (CPU, float32), eager torch, CUDA graphs (GPU), "
+                             "or auto (default: graph on a GPU, else C++ when it builds)")
     add_device_argument(parser)
 
 

@@ -10,14 +10,14 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from nibble.errors import UnsupportedArchitectureError
+from nibble.errors import ConfigError, UnsupportedArchitectureError
 from nibble.runtime.kv_cache import StaticKVCache
 from nibble.runtime.native import NativeUnavailable
 from nibble.runtime.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cpp", "torch")
+BACKENDS = ("auto", "cpp", "torch", "graph")
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
@@ -159,9 +159,10 @@ def build_runtime(model: nn.Module, max_len: int = 2048, batch_size: int = 1, ba
                   fuse: bool = True, threads: int | None = None) -> DecodeRuntime:
     """A ``DecodeRuntime`` for ``model`` with a cache of ``max_len`` positions for ``batch_size`` rows.
 
-    ``backend``: ``torch`` (eager ops, any device), ``cpp`` (fused C++ step, CPU, float32) or
-    ``auto`` (``cpp`` when possible, else ``torch``). ``fuse`` concatenates QKV and gate/up weights
-    of plain linears. ``threads`` for the C++ step (default ``torch.get_num_threads()``).
+    ``backend``: ``torch`` (eager ops, any device), ``cpp`` (fused C++ step, CPU, float32), ``graph``
+    (one-token steps replayed from CUDA graphs, GPU) or ``auto`` (``graph`` on a GPU, ``cpp`` when
+    possible, else ``torch``). ``fuse`` concatenates QKV and gate/up weights of plain linears.
+    ``threads`` for the C++ step (default ``torch.get_num_threads()``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -174,6 +175,13 @@ def build_runtime(model: nn.Module, max_len: int = 2048, batch_size: int = 1, ba
     parameter = next(model.parameters())
     cache = StaticKVCache(shape.num_layers, batch_size, shape.num_kv_heads, max_len, shape.head_dim,
                           dtype=_activation_dtype(model), device=parameter.device)
+    on_gpu = parameter.device.type == "cuda"
+    if backend == "graph" or (backend == "auto" and on_gpu):
+        if not on_gpu:
+            raise ConfigError(f"the graph backend replays CUDA graphs; this model is on {parameter.device}")
+        from nibble.runtime.graphs import GraphedDecodeStep
+
+        return DecodeRuntime(GraphedDecodeStep(arch.make_torch(), cache), cache, "graph")
     if backend != "torch":
         try:
             if arch.make_native is None:

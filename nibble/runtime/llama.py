@@ -130,24 +130,63 @@ class LlamaTorchStep:
     def __call__(self, batch: StepInput, cache: StaticKVCache, all_logits: bool = False) -> torch.Tensor:
         """Logits ``[batch, vocab]`` at the last position (``[batch, T, vocab]`` with ``all_logits``)."""
         shape = self.shape
-        start, mask, causal, positions = batch.start, batch.mask, batch.causal, batch.positions
-        x = self.embed(batch.tokens)
+        start, mask, causal = batch.start, batch.mask, batch.causal
+        end = start + batch.tokens.shape[1]
+
+        def attend(query, key, value, keys, values):
+            keys[:, :, start:end].copy_(key.transpose(1, 2))
+            values[:, :, start:end].copy_(value.transpose(1, 2))
+            if end - start == 1 and mask is None:
+                return decode_attention(query, keys[:, :, :end], values[:, :, :end], shape.scale)
+            return F.scaled_dot_product_attention(query.transpose(1, 2), keys[:, :, :end], values[:, :, :end],
+                                                  attn_mask=mask, is_causal=causal, scale=shape.scale,
+                                                  enable_gqa=True).transpose(1, 2)
+
+        x = self._layers(self.embed(batch.tokens), batch.positions, cache, attend)
+        return self._logits(x if all_logits else x[:, -1])
+
+    def decode_masked(self, tokens: torch.Tensor, slot: torch.Tensor, pads: torch.Tensor, length: int,
+                      cache: StaticKVCache) -> torch.Tensor:
+        """Logits ``[batch, vocab]`` of ``tokens`` [batch, 1] written at cache slot ``slot`` (a [1] tensor).
+
+        Row r attends to slots ``pads[r] .. slot`` among the first ``length`` (the others masked) at
+        RoPE position ``slot - pads[r]``. Shapes depend on ``length`` only and nothing is read back
+        to the host, so one CUDA graph captured with these tensors replays for every ``slot < length``.
+        """
+        shape = self.shape
+        key_slots = torch.arange(length, device=tokens.device)
+        visible = ((key_slots <= slot) & (key_slots >= pads[:, None])) | (key_slots == slot)  # [batch, length]
+        visible = visible[:, None, None]
+        positions = (slot - pads).clamp(min=0)[:, None]
+
+        def attend(query, key, value, keys, values):
+            keys.index_copy_(2, slot, key.transpose(1, 2))
+            values.index_copy_(2, slot, value.transpose(1, 2))
+            return decode_attention(query, keys[:, :, :length], values[:, :, :length], shape.scale, visible)
+
+        return self._logits(self._layers(self.embed(tokens), positions, cache, attend)[:, -1])
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache, attend) -> torch.Tensor:
+        """Every decoder block over ``x`` [batch, T, hidden]; ``attend(query, key, value, keys, values)``
+        stores the new keys/values in the layer's cache views and returns the attention output."""
+        shape = self.shape
         cos = self.cos[positions].unsqueeze(2)
         sin = self.sin[positions].unsqueeze(2)
+        batch, steps, _ = x.shape
         for index, layer in enumerate(self.layers):
-            keys, values = cache.layer(index)
             h = F.rms_norm(x, (shape.hidden,), layer.input_norm, shape.eps)
-            x = x + layer.o_proj(self._attention(h, layer, keys, values, cos, sin, start, mask, causal))
+            out = attend(*self._rotated_qkv(h, layer, cos, sin), *cache.layer(index))
+            x = x + layer.o_proj(out.reshape(batch, steps, shape.num_heads * shape.head_dim))
             h = F.rms_norm(x, (shape.hidden,), layer.post_norm, shape.eps)
             x = x + layer.down(self._gated(h, layer))
-        if not all_logits:
-            x = x[:, -1]
-        x = F.rms_norm(x, (shape.hidden,), self.final_norm, shape.eps)
-        return self.lm_head(x)
+        return x
 
-    def _attention(self, h: torch.Tensor, layer: LlamaLayer, keys: torch.Tensor, values: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor, start: int, mask: torch.Tensor | None,
-                   causal: bool) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(F.rms_norm(x, (self.shape.hidden,), self.final_norm, self.shape.eps))
+
+    def _rotated_qkv(self, h: torch.Tensor, layer: LlamaLayer, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query, key, value), each [batch, T, heads, head_dim], query and key rotated (RoPE)."""
         shape = self.shape
         batch, steps, _ = h.shape
         heads = shape.num_heads + 2 * shape.num_kv_heads
@@ -156,17 +195,7 @@ class LlamaTorchStep:
         rotated = shape.num_heads + shape.num_kv_heads
         qk = qkv[:, :, :rotated]
         qk = torch.addcmul(qk * cos, qk.roll(shape.head_dim // 2, -1), sin)
-        end = start + steps
-        keys[:, :, start:end].copy_(qk[:, :, shape.num_heads:].transpose(1, 2))
-        values[:, :, start:end].copy_(qkv[:, :, rotated:].transpose(1, 2))
-        query = qk[:, :, :shape.num_heads]
-        if steps == 1 and mask is None:
-            out = decode_attention(query, keys[:, :, :end], values[:, :, :end], shape.scale)
-        else:
-            out = F.scaled_dot_product_attention(query.transpose(1, 2), keys[:, :, :end], values[:, :, :end],
-                                                 attn_mask=mask, is_causal=causal, scale=shape.scale,
-                                                 enable_gqa=True).transpose(1, 2)
-        return out.reshape(batch, steps, shape.num_heads * shape.head_dim)
+        return qk[:, :, :shape.num_heads], qk[:, :, shape.num_heads:], qkv[:, :, rotated:]
 
     @staticmethod
     def _gated(h: torch.Tensor, layer: LlamaLayer) -> torch.Tensor:
@@ -177,14 +206,18 @@ class LlamaTorchStep:
         return F.silu(gate).mul_(up)
 
 
-def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of one new token per row over all cached keys, grouped-query, without repeating kv.
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                     visible: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one new token per row over the cached keys, grouped-query, without repeating kv.
 
-    ``query`` [batch, 1, heads, head_dim]; ``keys``/``values`` [batch, kv_heads, length, head_dim].
+    ``query`` [batch, 1, heads, head_dim]; ``keys``/``values`` [batch, kv_heads, length, head_dim];
+    ``visible`` (optional) bool [batch, 1, 1, length]: the keys each row may attend to.
     Query head ``h`` reads kv head ``h // (heads / kv_heads)``, as transformers' ``repeat_kv`` does.
     """
     batch, _, heads, head_dim = query.shape
     kv_heads = keys.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1), values).reshape(batch, 1, heads, head_dim)
