@@ -15,6 +15,9 @@ is prompt length / time to the first token. A run stops early after ``--max-seco
 a nibble checkpoint (e.g. AQLM 2x8). ``NIBBLE_DATA`` is needed once, to make the IQ2_XXS file.
 With ``--device cuda`` the models run in float16 on the GPU (nibble's default backend there replays
 CUDA graphs; ``--torch-backend`` adds the eager step) and llama.cpp's CPU rows are left out.
+``--random-weights`` uses a randomly initialised model of SmolLM2-135M's shape and a fixed prompt
+of 24 token ids instead of the built-in model (for machines without it, e.g. a lent GPU): speed
+depends on the shapes only.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -113,10 +117,16 @@ def build_engines(args) -> tuple[list[Engine], list[int]]:
     def load(spec: str):
         return load_model(spec, dtype=dtype, device=args.device)
 
+    if args.random_weights:
+        if args.aqlm:
+            raise SystemExit("--random-weights runs the float model only (no --aqlm)")
+        load = partial(random_smollm2, dtype, args.device)
+        prompt = list(range(100, 124))
     model = load("smollm2-135m")
-    tokenizer = load_tokenizer("smollm2-135m")
-    prompt = tokenizer(PROMPT)["input_ids"]
-    skip_llama_cpp = args.no_llama_cpp or gpu
+    skip_llama_cpp = args.no_llama_cpp or gpu or args.random_weights
+    if not args.random_weights:
+        tokenizer = load_tokenizer("smollm2-135m")
+        prompt = tokenizer(PROMPT)["input_ids"]
     paths = None if skip_llama_cpp else llama_cpp_files(model, tokenizer, resolve_spec("smollm2-135m"))
     torch_model = load("smollm2-135m") if args.torch_backend else None
     aqlm_model = load(args.aqlm) if args.aqlm else None
@@ -140,6 +150,17 @@ def build_engines(args) -> tuple[list[Engine], list[int]]:
         for name, path in (paths or {}).items():
             engines.append(llama_cpp_engine(path, name, threads, args.max_seconds))
     return engines, prompt
+
+
+def random_smollm2(dtype: torch.dtype, device: str, _spec: str = ""):
+    """A randomly initialised Llama with SmolLM2-135M's shape (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).to(device, dtype).eval()
 
 
 def llama_cpp_files(model, tokenizer, spec) -> dict[str, Path] | None:
@@ -204,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-backend", action="store_true", help="add nibble's eager-torch backend row")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: float16 models on the GPU")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="a random model of SmolLM2-135M's shape instead of the built-in one")
     args = parser.parse_args(argv)
     engines, prompt = build_engines(args)
     measure(engines, prompt, args.tokens, args.repeats)

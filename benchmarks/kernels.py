@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                # CPU: Llama-2-7B and SmolLM2 shapes, batch 1 and 8
     python benchmarks/kernels.py --batch 1,2,4,8 --formats 2x8 --shapes 11008x4096
     python benchmarks/kernels.py --clock cpu    # 1 thread, CPU time: robust on a loaded machine
+    python benchmarks/kernels.py --device cuda --formats 2x8,1x16,4bit,2bit --batch 1,4,8   # GPU
 
 For each shape (out×in), batch and backend: the median time of one call, the speed-up over
 torch's dense matmul timed in the same loop (float32 on CPU, float16 on CUDA; > 1 is faster),
@@ -11,6 +12,12 @@ divided by that time, then the best sample and the speed-up of best over best (o
 shared with other jobs, the best samples are the ones least slowed by them). Backends are timed
 interleaved, round after round, so that load from other processes hits all of them alike. The
 PyPI ``aqlm`` package's CPU kernel (numba) runs as a peer for Kx8 configs when it imports.
+
+Every case cycles through enough copies of its weight that one pass over them exceeds
+``--rotate-mb`` (default 64 MB on the CPU, twice this machine's L3; 128 MB on a GPU, over twice
+an H100's L2): a small quantized weight would otherwise stay in cache between calls while the
+dense one streams from memory. On CUDA each sample replays a CUDA graph of the calls, timed with
+events, so Python's launch overhead is left out, as in a graph-replayed decode step.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -40,8 +48,10 @@ SCALAR_GROUP = 128
 
 @dataclass
 class Case:
+    """One row: ``runs`` computes the same product over different copies of the weight."""
+
     label: str
-    run: Callable[[], torch.Tensor]
+    runs: list[Callable[[], torch.Tensor]]
     nbytes: int
 
 
@@ -61,21 +71,63 @@ def calls_per_sample(fn: Callable[[], object], device: torch.device, target_s: f
     return max(1, min(1000, int(target_s / once)))
 
 
+def copies_needed(weight_bytes: int, rotate_bytes: int) -> int:
+    """Weight copies whose total exceeds ``rotate_bytes`` (at most 64)."""
+    return max(1, min(64, -(-rotate_bytes // max(weight_bytes, 1))))
+
+
+def cycle(runs: list[Callable[[], object]], calls: int) -> Callable[[], None]:
+    def run_all() -> None:
+        for i in range(calls):
+            runs[i % len(runs)]()
+    return run_all
+
+
 def time_interleaved(cases: list[Case], device: torch.device, rounds: int, target_s: float,
                      clock: Callable[[], float] = time.perf_counter) -> list[tuple[float, float]]:
     """(median, best) seconds per call of each case, sampled round-robin."""
+    if device.type == "cuda":
+        return time_graphs(cases, rounds, target_s)
     for case in cases:  # warm-up: builds, JIT compiles, layout caches
-        case.run()
-    inner = [calls_per_sample(case.run, device, target_s) for case in cases]
+        for run in case.runs:
+            run()
+    inner = [max(len(case.runs), calls_per_sample(case.runs[0], device, target_s)) for case in cases]
+    loops = [cycle(case.runs, calls) for case, calls in zip(cases, inner)]
     samples: list[list[float]] = [[] for _ in cases]
     for _ in range(rounds):
-        for i, case in enumerate(cases):
-            sync(device)
+        for i, loop in enumerate(loops):
             start = clock()
-            for _ in range(inner[i]):
-                case.run()
-            sync(device)
+            loop()
             samples[i].append((clock() - start) / inner[i])
+    return [(statistics.median(s), min(s)) for s in samples]
+
+
+def time_graphs(cases: list[Case], rounds: int, target_s: float) -> list[tuple[float, float]]:
+    """Like ``time_interleaved`` on CUDA: each sample is one replay of a graph of many calls."""
+    graphs, calls = [], []
+    for case in cases:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (autotuning, workspaces) off the capture
+            for run in case.runs:
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        count = max(len(case.runs), calls_per_sample(case.runs[0], torch.device("cuda"), target_s / 10))
+        count = min(count, 256 * len(case.runs))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            cycle(case.runs, count)()
+        graphs.append(graph)
+        calls.append(count)
+    samples: list[list[float]] = [[] for _ in cases]
+    for _ in range(rounds):
+        for i, graph in enumerate(graphs):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples[i].append(begin.elapsed_time(end) / 1000 / calls[i])
     return [(statistics.median(s), min(s)) for s in samples]
 
 
@@ -111,44 +163,63 @@ def peer_version() -> str:
         return ", peer aqlm not installed"
 
 
-def aqlm_cases(out: int, inp: int, name: str, batch: int, x: torch.Tensor, backends: list[str],
-               gen: torch.Generator) -> list[Case]:
-    m, bits = AQLM_CONFIGS[name]
-    codes, codebooks, scales = aqlm_tensors(out, inp, m, bits, x.device, gen)
-    nbytes = out * (inp // GROUP) * m * bits // 8 + m * 2**bits * GROUP * 2 + out * 2
-    nbytes += x.numel() * x.element_size() + batch * out * x.element_size()
-    call = registry.aqlm_call(x, codes, codebooks, scales)
+def io_bytes(x: torch.Tensor, out: int) -> int:
+    return x.numel() * x.element_size() + x.shape[0] * out * x.element_size()
+
+
+def backend_cases(fmt: str, label: str, call, linear: Callable, weights: list[tuple], x: torch.Tensor,
+                  backends: list[str], nbytes: int) -> list[Case]:
+    """A case per selected backend of ``fmt`` that serves ``call``, cycling over ``weights``."""
     cases = []
-    for backend in registry.backends(registry.AQLM):
+    for backend in registry.backends(fmt):
         if backend.name in backends and registry._serves(backend, call) and backend.available():
-            def run(name=backend.name):
+            def run(tensors, name=backend.name):
                 with use_backend(name):
-                    return registry.aqlm_linear(x, codes, codebooks, scales)
-            cases.append(Case(f"aqlm {name} {backend.name}", run, nbytes))
-    peer = aqlm_peer(codes, codebooks, scales) if "peer" in backends and x.device.type == "cpu" and bits == 8 else None
-    if peer is not None:
-        cases.append(Case(f"aqlm {name} pypi-aqlm", lambda: peer(x), nbytes))
+                    return linear(x, *tensors)
+            cases.append(Case(f"{label} {backend.name}", [partial(run, w) for w in weights], nbytes))
     return cases
 
 
-def scalar_cases(out: int, inp: int, name: str, batch: int, x: torch.Tensor, backends: list[str],
-                 gen: torch.Generator) -> list[Case]:
+def aqlm_cases(out: int, inp: int, name: str, x: torch.Tensor, backends: list[str], gen: torch.Generator,
+               rotate_bytes: int) -> list[Case]:
+    m, bits = AQLM_CONFIGS[name]
+    weight_bytes = out * (inp // GROUP) * m * bits // 8 + m * 2**bits * GROUP * 2 + out * 2
+    weights = [aqlm_tensors(out, inp, m, bits, x.device, gen)
+               for _ in range(copies_needed(weight_bytes, rotate_bytes))]
+    nbytes = weight_bytes + io_bytes(x, out)
+    cases = backend_cases(registry.AQLM, f"aqlm {name}", registry.aqlm_call(x, *weights[0]),
+                          registry.aqlm_linear, weights, x, backends, nbytes)
+    if "peer" in backends and x.device.type == "cpu" and bits == 8:
+        peers = [aqlm_peer(*w) for w in weights]
+        if peers[0] is not None:
+            cases.append(Case(f"aqlm {name} pypi-aqlm", [partial(peer, x) for peer in peers], nbytes))
+    return cases
+
+
+def scalar_tensors(out: int, inp: int, bits: int, device: torch.device, gen: torch.Generator):
+    groups = inp // SCALAR_GROUP
+    packed = pack_bits(torch.randint(0, 2**bits, (out, inp), generator=gen), bits).to(device)
+    scales = (torch.rand(out, groups, generator=gen) * 0.01).half().float().to(device)
+    zeros = torch.randint(0, 2**bits, (out, groups), generator=gen).to(torch.uint8).to(device)
+    return packed, scales, zeros, bits, SCALAR_GROUP
+
+
+def scalar_cases(out: int, inp: int, name: str, x: torch.Tensor, backends: list[str], gen: torch.Generator,
+                 rotate_bytes: int) -> list[Case]:
     bits = SCALAR_CONFIGS[name]
     groups = inp // SCALAR_GROUP
-    packed = pack_bits(torch.randint(0, 2**bits, (out, inp), generator=gen), bits).to(x.device)
-    scales = (torch.rand(out, groups, generator=gen) * 0.01).half().float().to(x.device)
-    zeros = torch.randint(0, 2**bits, (out, groups), generator=gen).to(torch.uint8).to(x.device)
-    nbytes = packed.numel() * 4 + scales.numel() * 2 + zeros.numel()
-    nbytes += x.numel() * x.element_size() + batch * out * x.element_size()
-    call = registry.scalar_call(x, packed, scales, zeros, bits, SCALAR_GROUP)
-    cases = []
-    for backend in registry.backends(registry.SCALAR):
-        if backend.name in backends and registry._serves(backend, call) and backend.available():
-            def run(name=backend.name):
-                with use_backend(name):
-                    return registry.scalar_linear(x, packed, scales, zeros, bits, SCALAR_GROUP)
-            cases.append(Case(f"{name} {backend.name}", run, nbytes))
-    return cases
+    weight_bytes = out * inp * bits // 8 + out * groups * 3
+    weights = [scalar_tensors(out, inp, bits, x.device, gen) for _ in range(copies_needed(weight_bytes, rotate_bytes))]
+    return backend_cases(registry.SCALAR, name, registry.scalar_call(x, *weights[0]), registry.scalar_linear,
+                         weights, x, backends, weight_bytes + io_bytes(x, out))
+
+
+def dense_case(out: int, inp: int, x: torch.Tensor, gen: torch.Generator, rotate_bytes: int) -> Case:
+    weight_bytes = out * inp * x.element_size()
+    weights = [(torch.randn(out, inp, generator=gen) * 0.02).to(x.device, x.dtype)
+               for _ in range(copies_needed(weight_bytes, rotate_bytes))]
+    return Case(f"dense {str(x.dtype).split('.')[-1]}", [partial(F.linear, x, w) for w in weights],
+                weight_bytes + io_bytes(x, out))
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -174,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--sample-ms", type=float, default=20.0, help="target length of one timing sample")
+    parser.add_argument("--rotate-mb", type=int, default=None,
+                        help="cycle through weight copies totalling more than this (default 64 CPU, 128 CUDA)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: CPU time of the calling thread, which other processes' "
                              "load hardly inflates (implies --threads 1 and no peer: numba runs in its own threads)")
@@ -187,22 +260,22 @@ def main(argv: list[str] | None = None) -> None:
         backends = [b for b in backends if b != "peer"]
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
+    rotate_bytes = (args.rotate_mb or (64 if device.type == "cpu" else 128)) << 20
     print(f"torch {torch.__version__}, {args.threads} threads, device {device}, baseline dense {dense_dtype}, "
-          f"{args.clock} clock{peer_version() if 'peer' in backends else ''}")
+          f"{args.clock if device.type == 'cpu' else 'CUDA-graph'} clock, weights rotated over "
+          f"{rotate_bytes >> 20} MB{peer_version() if 'peer' in backends else ''}")
     print(f"{'shape':>11} {'batch':>5}  {'kernel':<24} {'µs':>9} {'vs dense':>9} {'GB/s':>7}"
           f" {'best µs':>9} {'vs dense':>9}")
     with torch.inference_mode():
         for out, inp in parse_shapes(args.shapes):
             for batch in [int(b) for b in args.batch.split(",")]:
                 x = torch.randn(batch, inp, generator=gen).to(device, dense_dtype)
-                weight = (torch.randn(out, inp, generator=gen) * 0.02).to(device, dense_dtype)
-                dense_bytes = weight.numel() * weight.element_size() + (x.numel() + batch * out) * x.element_size()
-                cases = [Case(f"dense {str(dense_dtype).split('.')[-1]}", lambda: F.linear(x, weight), dense_bytes)]
+                cases = [dense_case(out, inp, x, gen, rotate_bytes)]
                 for name in args.formats.split(","):
                     make = aqlm_cases if name in AQLM_CONFIGS else scalar_cases
                     if name in AQLM_CONFIGS and inp % GROUP or name in SCALAR_CONFIGS and inp % SCALAR_GROUP:
                         continue
-                    cases += make(out, inp, name, batch, x, backends, gen)
+                    cases += make(out, inp, name, x, backends, gen, rotate_bytes)
                 times = time_interleaved(cases, device, args.rounds, args.sample_ms / 1000, CLOCKS[args.clock])
                 (dense, dense_best) = times[0]
                 for case, (seconds, best) in zip(cases, times):
