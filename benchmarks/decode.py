@@ -71,10 +71,12 @@ def dtype_label(model) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[next(model.parameters()).dtype]
 
 
-def nibble_engine(model, label: str, threads: int, backend: str = "auto") -> Engine:
+def nibble_engine(model, label: str, threads: int, backend: str = "auto", screen_head: bool = True) -> Engine:
     from nibble.runtime import build_runtime, generate
 
-    runtime = build_runtime(model, max_len=512, backend=backend, threads=threads)
+    runtime = build_runtime(model, max_len=512, backend=backend, threads=threads, screen_head=screen_head)
+    if runtime.backend == "cpp" and not screen_head and runtime.step.torch_step.lm_head.is_dense:
+        label += ", full head"
 
     def run(prompt: list[int], tokens: int):
         result = generate(runtime, [prompt], tokens)
@@ -139,10 +141,14 @@ def build_engines(args) -> tuple[list[Engine], list[int]]:
     label = dtype_label(model)
     for threads in args.threads:
         engines += [transformers_engine(model, threads, args.max_seconds), nibble_engine(model, label, threads)]
+        if args.full_head and not gpu:
+            engines.append(nibble_engine(load("smollm2-135m"), label, threads, screen_head=False))
         if torch_model is not None:
             engines.append(nibble_engine(torch_model, label, threads, backend="torch"))
         if aqlm_model is not None:
             engines.append(nibble_engine(aqlm_model, Path(args.aqlm).name, threads))
+            if args.full_head and not gpu:
+                engines.append(nibble_engine(load(args.aqlm), Path(args.aqlm).name, threads, screen_head=False))
             if args.torch_backend:
                 engines.append(nibble_engine(load(args.aqlm), Path(args.aqlm).name, threads, backend="torch"))
         for bits, rounded in rounded_heads.items():
@@ -223,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the --aqlm model with its head rounded to each of these bit widths "
                              "(nibble.runtime.head, default group sizes)")
     parser.add_argument("--torch-backend", action="store_true", help="add nibble's eager-torch backend row")
+    parser.add_argument("--full-head", action="store_true",
+                        help="add rows of nibble's C++ step computing the whole float head (no 8-bit screen)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: float16 models on the GPU")
     parser.add_argument("--random-weights", action="store_true",

@@ -39,6 +39,9 @@ def _add_common(parser) -> None:
     parser.add_argument("--backend", default="auto", choices=("auto", "cpp", "torch", "graph"),
                         help="decode step: fused C++ (CPU, float32), eager torch, CUDA graphs (GPU), "
                              "or auto (default: graph on a GPU, else C++ when it builds)")
+    parser.add_argument("--full-head", action="store_true",
+                        help="greedy C++ steps compute the whole float head instead of screening it with an "
+                             "8-bit copy (same tokens; the screen reads a quarter of the head's bytes)")
     add_device_argument(parser)
 
 
@@ -94,7 +97,8 @@ def _setup(args):
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device=pick_device(args.device))
     apply_head_arguments(model, args)
-    runtime = build_runtime(model, max_len=args.max_len, backend=args.backend, threads=args.threads)
+    runtime = build_runtime(model, max_len=args.max_len, backend=args.backend, threads=args.threads,
+                            screen_head=not args.full_head)
     return model, tokenizer, runtime, sampling
 
 

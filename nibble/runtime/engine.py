@@ -156,13 +156,15 @@ class DecodeRuntime:
 
 
 def build_runtime(model: nn.Module, max_len: int = 2048, batch_size: int = 1, backend: str = "auto",
-                  fuse: bool = True, threads: int | None = None) -> DecodeRuntime:
+                  fuse: bool = True, threads: int | None = None, screen_head: bool = True) -> DecodeRuntime:
     """A ``DecodeRuntime`` for ``model`` with a cache of ``max_len`` positions for ``batch_size`` rows.
 
     ``backend``: ``torch`` (eager ops, any device), ``cpp`` (fused C++ step, CPU, float32), ``graph``
     (one-token steps replayed from CUDA graphs, GPU) or ``auto`` (``graph`` on a GPU, ``cpp`` when
     possible, else ``torch``). ``fuse`` concatenates QKV and gate/up weights of plain linears.
-    ``threads`` for the C++ step (default ``torch.get_num_threads()``).
+    ``threads`` for the C++ step (default ``torch.get_num_threads()``). ``screen_head``: greedy
+    steps of the C++ step find a float head's argmax through an 8-bit copy of it (exact; see
+    ``nibble.runtime.screen``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -170,7 +172,7 @@ def build_runtime(model: nn.Module, max_len: int = 2048, batch_size: int = 1, ba
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_len > limit:
         max_len = limit
-    arch = _architecture(model, model_type, max_len, fuse, threads)
+    arch = _architecture(model, model_type, max_len, fuse, threads, screen_head)
     shape = arch.shape
     parameter = next(model.parameters())
     cache = StaticKVCache(shape.num_layers, batch_size, shape.num_kv_heads, max_len, shape.head_dim,
@@ -204,7 +206,7 @@ class Architecture:
 
 
 def _architecture(model: nn.Module, model_type: str, max_len: int, fuse: bool,
-                  threads: int | None) -> Architecture:
+                  threads: int | None, screen_head: bool) -> Architecture:
     """The decode steps for ``model``, or ``UnsupportedArchitectureError`` naming what is supported."""
     from nibble.runtime import llama
 
@@ -213,7 +215,7 @@ def _architecture(model: nn.Module, model_type: str, max_len: int, fuse: bool,
 
         llama.check_llama_config(model.config, max_len)
         return Architecture(llama.llama_shape(model), lambda: llama.LlamaTorchStep(model, max_len, fuse),
-                            lambda cache: LlamaNativeStep(model, max_len, cache, fuse, threads))
+                            lambda cache: LlamaNativeStep(model, max_len, cache, fuse, threads, screen_head))
     raise UnsupportedArchitectureError(
         f"the decode runtime does not support {model_type!r} models; supported: {', '.join(SUPPORTED)}"
     )

@@ -15,10 +15,11 @@ from torch import nn
 
 from nibble.runtime.engine import StepInput
 from nibble.runtime.kv_cache import StaticKVCache
-from nibble.runtime.linears import PreparedLinear
+from nibble.runtime.linears import PreparedLinear, prepare_linear
 from nibble.runtime.llama import LlamaTorchStep
 from nibble.runtime.native import NativeUnavailable, load_library
 from nibble.runtime.sampling import Sampler
+from nibble.runtime.screen import max_candidates, screen_tensors
 
 COMPUTE_FN = ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_int64, c_void_p, c_void_p, c_int64, c_int64, c_int64,
                               c_int64)
@@ -45,11 +46,16 @@ class NbModel(ctypes.Structure):
     _fields_ += [(name, c_void_p) for name in ("x", "h", "qkv", "attn", "mlp", "scores", "logits")]
 
 
+class NbScreen(ctypes.Structure):
+    _fields_ = [("approx", NbLinear), ("weight_error", c_void_p), ("abs_sum", c_void_p), ("magnitude", c_void_p),
+                ("max_candidates", c_int64), ("candidates", c_void_p)]
+
+
 class LlamaNativeStep:
     """Same contract as ``LlamaTorchStep``; single-token calls on float32 CPU models go to C++."""
 
     def __init__(self, model: nn.Module, max_len: int, cache: StaticKVCache, fuse: bool = True,
-                 threads: int | None = None):
+                 threads: int | None = None, screen_head: bool = True):
         _check_native_inputs(cache)
         self.library = _declare(load_library())
         self.torch_step = LlamaTorchStep(model, max_len, fuse)
@@ -59,6 +65,7 @@ class LlamaNativeStep:
         self.scratch = self._allocate(model, max_len, cache.batch_size)
         self.struct = self._describe(model, max_len, cache)
         self.struct.threads = threads or torch.get_num_threads()
+        self.screen = self._screen() if screen_head else None
         batch = cache.batch_size
         self.token_slots = (c_int64 * batch).from_address(self.scratch["tokens"].data_ptr())
         self.pick_slots = (c_int64 * batch).from_address(self.scratch["picks"].data_ptr())
@@ -84,11 +91,15 @@ class LlamaNativeStep:
         self.token_slots[:] = tokens
         if not self.embed_native:
             self.scratch["x"].copy_(self.torch_step.embed(self.scratch["tokens"]))
-        self._run(self.scratch["tokens"].data_ptr() if self.embed_native else None, None, pad_lengths, start)
+        tokens_address = self.scratch["tokens"].data_ptr() if self.embed_native else None
+        picks = self.scratch["picks"]
+        if sampler.config.greedy and self.screen is not None:
+            self._run(tokens_address, None, pad_lengths, start, picks)
+            return self.pick_slots[:]
+        self._run(tokens_address, None, pad_lengths, start)
         logits = self.scratch["logits"]
         if not sampler.config.greedy:
             return sampler(logits).tolist()
-        picks = self.scratch["picks"]
         self.library.nb_argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], picks.data_ptr())
         return self.pick_slots[:]
 
@@ -99,10 +110,16 @@ class LlamaNativeStep:
             self.scratch["x"].copy_(self.torch_step.embed(tokens))
         self._run(tokens.data_ptr() if self.embed_native else None, positions.data_ptr(), pad_lengths, slot)
 
-    def _run(self, tokens: int | None, positions: int | None, pad_lengths: torch.Tensor, slot: int) -> None:
-        """The C++ step on token and position addresses (positions None: derived from the pads)."""
+    def _run(self, tokens: int | None, positions: int | None, pad_lengths: torch.Tensor, slot: int,
+             picks: torch.Tensor | None = None) -> None:
+        """The C++ step on token and position addresses (positions None: derived from the pads); with
+        ``picks``, the greedy step through the screened head, writing each row's pick there."""
         pads = pad_lengths.contiguous()
-        status = self.library.nb_llama_decode(ctypes.byref(self.struct), tokens, positions, pads.data_ptr(), slot)
+        if picks is None:
+            status = self.library.nb_llama_decode(ctypes.byref(self.struct), tokens, positions, pads.data_ptr(), slot)
+        else:
+            status = self.library.nb_llama_decode_greedy(ctypes.byref(self.struct), ctypes.byref(self.screen), tokens,
+                                                         positions, pads.data_ptr(), slot, picks.data_ptr())
         if self.error is not None:
             error, self.error = self.error, None
             raise error
@@ -137,6 +154,18 @@ class LlamaNativeStep:
             if tensor.dtype == torch.float32:
                 setattr(struct, name, tensor.data_ptr())
         return struct
+
+    def _screen(self) -> NbScreen | None:
+        """The 8-bit screen of a float head (see ``nibble.runtime.screen``), or None for other heads."""
+        head = self.torch_step.lm_head
+        if not head.is_dense or head.weight.dtype != torch.float32:
+            return None
+        rounded, bounds = screen_tensors(head.weight, head.bias)
+        candidates = torch.zeros(max_candidates(head.out_features), dtype=torch.long)
+        self.keep += [rounded, candidates, *bounds.values()]
+        approx = self._linear(prepare_linear(rounded), self.scratch["h"], self.scratch["logits"])
+        return NbScreen(approx, *(bounds[name].data_ptr() for name in ("weight_error", "abs_sum", "magnitude")),
+                        candidates.numel(), candidates.data_ptr())
 
     def _layer(self, layer) -> NbLayer:
         scratch = self.scratch
@@ -200,6 +229,9 @@ def _check_native_inputs(cache: StaticKVCache) -> None:
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.nb_llama_decode.argtypes = [POINTER(NbModel), c_void_p, c_void_p, c_void_p, c_int64]
     library.nb_llama_decode.restype = c_int64
+    library.nb_llama_decode_greedy.argtypes = [POINTER(NbModel), POINTER(NbScreen), c_void_p, c_void_p, c_void_p,
+                                               c_int64, c_void_p]
+    library.nb_llama_decode_greedy.restype = c_int64
     library.nb_argmax_rows.argtypes = [c_void_p, c_int64, c_int64, c_void_p]
     library.nb_argmax_rows.restype = None
     return library

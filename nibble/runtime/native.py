@@ -23,7 +23,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "llama_decode.cpp"
 HEADERS = ("work_pool.h",)
 FLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 
 class NativeUnavailable(RuntimeError):

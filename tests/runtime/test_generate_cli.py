@@ -87,3 +87,8 @@ def test_builtin_model_matches_transformers():
         reference = model(torch.tensor([prompt + tokens])).logits[0]
     torch.testing.assert_close(first_logits, reference[len(prompt) - 1], atol=1e-3, rtol=0)
     assert reference[len(prompt) - 1:-1].argmax(-1).tolist() == tokens
+    # greedy steps screen the float head with an 8-bit copy: the same tokens as the whole head
+    screened = generate(runtime, [prompt], 32).tokens[0]
+    assert runtime.step.screen is not None
+    full = generate(build_runtime(model, max_len=64, screen_head=False), [prompt], 32).tokens[0]
+    assert screened == full

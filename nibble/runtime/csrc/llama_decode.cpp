@@ -78,6 +78,21 @@ struct NbModel {
     float* logits;  // vocab
 };
 
+// Exact greedy picks without reading the whole float head: `approx` is the head rounded to
+// integers (a scalar kernel), whose logits differ from the float ones by at most
+//   eps[o] = weight_error[o] * |h|_1 + abs_sum[o] * max|h| / 16382 + 1e-4 * magnitude[o] * |h|_1
+// (the weights' rounding, the kernel's rounding of h to 14-bit integers, and float rounding in both
+// computations, generously). Only rows whose interval reaches the best lower bound can hold the
+// float argmax; their float logits are computed exactly as the full head would compute them.
+struct NbScreen {
+    NbLinear approx;
+    const float* weight_error;  // [vocab] max |w - w_rounded| of each row
+    const float* abs_sum;       // [vocab] sum |w_rounded| of each row
+    const float* magnitude;     // [vocab] bound on the size of the terms each row's logit sums, per |h|_1
+    int64_t max_candidates;     // more than this: compute the whole float head for that row
+    int64_t* candidates;        // [max_candidates] scratch
+};
+
 }  // extern "C"
 
 namespace {
@@ -375,20 +390,11 @@ void mlp_block(const NbModel& m, int64_t index) {
     for (int64_t i = 0; i < m.batch * m.hidden; ++i) m.x[i] += m.h[i];
 }
 
-}  // namespace
+std::mutex one_at_a_time;  // the pool is shared: concurrent Python threads take turns
 
-extern "C" {
-
-int64_t nb_abi_version() { return 5; }
-
-// Embed `tokens` (or use m.x as given when tokens is null), run every layer for one position per row,
-// write k/v at cache `slot`, and leave logits [batch, vocab] in m.logits. Row r attends to slots
-// pads[r] .. slot; its RoPE position is positions[r], or slot - pads[r] when positions is null.
-int64_t nb_llama_decode(const NbModel* model, const int64_t* tokens, const int64_t* positions,
-                        const int64_t* pads, int64_t slot) {
-    static std::mutex one_at_a_time;  // the pool is shared: concurrent Python threads take turns
-    std::lock_guard<std::mutex> lock(one_at_a_time);
-    const NbModel& m = *model;
+// Every layer and the final norm for one token per row (see nb_llama_decode); leaves h.
+int64_t decode_body(const NbModel& m, const int64_t* tokens, const int64_t* positions, const int64_t* pads,
+                    int64_t slot) {
     if (slot < 0 || slot >= m.max_len || m.head_dim > 512) return -1;
     std::vector<int64_t> derived;
     if (!positions) {
@@ -406,7 +412,80 @@ int64_t nb_llama_decode(const NbModel* model, const int64_t* tokens, const int64
         mlp_block(m, index);
     }
     normalize_rows(m, m.final_norm);
+    return 0;
+}
+
+// The float argmax of row r's logits, screened through the rounded head whose logits are in
+// m.logits (see NbScreen); -1 when the screen cannot decide (too many candidates, non-finite values).
+int64_t screened_pick(const NbModel& m, const NbScreen& screen, int64_t r) {
+    const float* h = m.h + r * m.hidden;
+    const float* approx = m.logits + r * m.vocab;
+    float l1 = 0.f, amax = 0.f;
+    for (int64_t i = 0; i < m.hidden; ++i) l1 += std::fabs(h[i]), amax = std::max(amax, std::fabs(h[i]));
+    const float x_error = amax / 16382.f;
+    const auto eps = [&](int64_t o) {
+        return screen.weight_error[o] * l1 + screen.abs_sum[o] * x_error + 1e-4f * screen.magnitude[o] * l1;
+    };
+    float floor = -INFINITY;  // the best lower bound
+    for (int64_t o = 0; o < m.vocab; ++o) floor = std::max(floor, approx[o] - eps(o));
+    if (!std::isfinite(floor)) return -1;
+    int64_t count = 0;
+    for (int64_t o = 0; o < m.vocab; ++o) {
+        if (approx[o] + eps(o) < floor) continue;
+        if (count == screen.max_candidates) return -1;
+        screen.candidates[count++] = o;
+    }
+    int64_t best = -1;
+    float best_value = -INFINITY;
+    for (int64_t c = 0; c < count; ++c) {  // ascending rows: the first of equal maxima wins, as in argmax
+        const int64_t o = screen.candidates[c];
+        const float value = dot(m.lm_head.weight + o * m.hidden, h, m.hidden) + (m.lm_head.bias ? m.lm_head.bias[o] : 0.0f);
+        if (value != value) return -1;
+        if (best < 0 || value > best_value) best = o, best_value = value;
+    }
+    return best;
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t nb_abi_version() { return 6; }
+
+// Embed `tokens` (or use m.x as given when tokens is null), run every layer for one position per row,
+// write k/v at cache `slot`, and leave logits [batch, vocab] in m.logits. Row r attends to slots
+// pads[r] .. slot; its RoPE position is positions[r], or slot - pads[r] when positions is null.
+int64_t nb_llama_decode(const NbModel* model, const int64_t* tokens, const int64_t* positions,
+                        const int64_t* pads, int64_t slot) {
+    std::lock_guard<std::mutex> lock(one_at_a_time);
+    const NbModel& m = *model;
+    const int64_t status = decode_body(m, tokens, positions, pads, slot);
+    if (status != 0) return status;
     run_linear(m, m.lm_head, m.h, m.hidden, m.logits, m.vocab);
+    return 0;
+}
+
+// nb_llama_decode for greedy decoding with a float head (m.lm_head dense): picks[r] is the first
+// index of the largest float logit of row r, as nb_argmax_rows would find in nb_llama_decode's
+// logits, found through `screen` (the full float head only for rows the screen cannot decide).
+// m.logits is left holding the rounded head's logits (or the float ones for such rows).
+int64_t nb_llama_decode_greedy(const NbModel* model, const NbScreen* screen, const int64_t* tokens,
+                               const int64_t* positions, const int64_t* pads, int64_t slot, int64_t* picks) {
+    std::lock_guard<std::mutex> lock(one_at_a_time);
+    const NbModel& m = *model;
+    if (!m.lm_head.weight) return -3;
+    const int64_t status = decode_body(m, tokens, positions, pads, slot);
+    if (status != 0) return status;
+    run_linear(m, screen->approx, m.h, m.hidden, m.logits, m.vocab);
+    for (int64_t r = 0; r < m.batch; ++r) {
+        picks[r] = screened_pick(m, *screen, r);
+        if (picks[r] >= 0) continue;
+        float* logits = m.logits + r * m.vocab;
+        const float* h = m.h + r * m.hidden;
+        for (int64_t o = 0; o < m.vocab; ++o)
+            logits[o] = dot(m.lm_head.weight + o * m.hidden, h, m.hidden) + (m.lm_head.bias ? m.lm_head.bias[o] : 0.0f);
+        picks[r] = argmax(logits, m.vocab);
+    }
     return 0;
 }
 
