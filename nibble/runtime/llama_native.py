@@ -47,7 +47,7 @@ class NbModel(ctypes.Structure):
 
 
 class NbScreen(ctypes.Structure):
-    _fields_ = [("approx", NbLinear), ("weight_error", c_void_p), ("abs_sum", c_void_p), ("magnitude", c_void_p),
+    _fields_ = [("approx", NbLinear), ("weight_error", c_void_p), ("code_sum", c_void_p), ("magnitude", c_void_p),
                 ("max_candidates", c_int64), ("candidates", c_void_p)]
 
 
@@ -164,7 +164,7 @@ class LlamaNativeStep:
         candidates = torch.zeros(max_candidates(head.out_features), dtype=torch.long)
         self.keep += [rounded, candidates, *bounds.values()]
         approx = self._linear(prepare_linear(rounded), self.scratch["h"], self.scratch["logits"])
-        return NbScreen(approx, *(bounds[name].data_ptr() for name in ("weight_error", "abs_sum", "magnitude")),
+        return NbScreen(approx, *(bounds[name].data_ptr() for name in ("weight_error", "code_sum", "magnitude")),
                         candidates.numel(), candidates.data_ptr())
 
     def _layer(self, layer) -> NbLayer:

@@ -23,9 +23,12 @@ SCREEN_BITS = 8
 def screen_tensors(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The rounded head and the per-row bounds for screening the float head ``weight`` [vocab, hidden].
 
-    ``weight_error``: max |w - ŵ|; ``abs_sum``: Σ|ŵ|; ``magnitude``: a bound, per unit of |h|₁, on the
-    terms either computation of a logit adds up (scale · (largest code + |zero point|) for the integer
-    kernel, max |w| for the float dot), which sizes the float-rounding allowance.
+    The scalar kernel computes a row's logit as ``Σ s·q·ĥ − s·z·Σh`` with ``ĥ`` the input rounded to
+    14-bit integers, so it differs from the float logit ``Σ w·h`` by at most
+    ``weight_error·|h|₁ + code_sum·max|ĥ − h|`` plus float rounding, where ``weight_error`` is
+    max |w − ŵ| and ``code_sum`` is Σ s·q (the coefficients on ``ĥ``). ``magnitude`` bounds, per unit
+    of |h|₁, the terms either computation adds up (s·(largest code + |z|) for the kernel, max |w|
+    for the float dot), which sizes the float-rounding allowance.
     """
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     linear.weight.data = weight.detach().float()
@@ -33,13 +36,13 @@ def screen_tensors(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[nn.
         linear.bias.data = bias.detach().float()
     rounded = round_head(linear, SCREEN_BITS, group_size=-1)
     exact, approx = weight.detach().float(), rounded.dequantize().float()
-    largest_code = 2 ** SCREEN_BITS - 1
     scales, zeros = rounded.scales.float(), rounded.zero_points().float()
-    integer_terms = (scales * (largest_code + zeros.abs())).amax(1)
+    per_input = scales.repeat_interleave(rounded.group_size, dim=1)[:, :rounded.in_features]
+    largest_code = 2 ** SCREEN_BITS - 1
     bounds = {
         "weight_error": (exact - approx).abs().amax(1),
-        "abs_sum": approx.abs().sum(1),
-        "magnitude": integer_terms + exact.abs().amax(1),
+        "code_sum": (per_input * rounded.integers().float()).sum(1),
+        "magnitude": (scales * (largest_code + zeros.abs())).amax(1) + exact.abs().amax(1),
     }
     return rounded, {name: t.contiguous() for name, t in bounds.items()}
 

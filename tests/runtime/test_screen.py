@@ -63,7 +63,7 @@ def test_screen_bounds_hold_and_screen_decides():
     head = runtime.step.torch_step.lm_head
     _, bounds = screen_tensors(head.weight, head.bias)
     h = runtime.step.scratch["h"][0]
-    eps = bounds["weight_error"] * h.abs().sum() + bounds["abs_sum"] * h.abs().max() / 16382
+    eps = bounds["weight_error"] * h.abs().sum() + bounds["code_sum"] * h.abs().max() / 16382
     difference = (approx[0] - full_logits[0]).abs()
     assert difference.max() > 0
     assert bool((difference <= eps).all())

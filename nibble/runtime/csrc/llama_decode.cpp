@@ -80,14 +80,14 @@ struct NbModel {
 
 // Exact greedy picks without reading the whole float head: `approx` is the head rounded to
 // integers (a scalar kernel), whose logits differ from the float ones by at most
-//   eps[o] = weight_error[o] * |h|_1 + abs_sum[o] * max|h| / 16382 + 1e-4 * magnitude[o] * |h|_1
+//   eps[o] = weight_error[o] * |h|_1 + code_sum[o] * max|h| / 16382 + 1e-4 * magnitude[o] * |h|_1
 // (the weights' rounding, the kernel's rounding of h to 14-bit integers, and float rounding in both
-// computations, generously). Only rows whose interval reaches the best lower bound can hold the
+// computations, generously; see nibble/runtime/screen.py). Only rows whose interval reaches the best lower bound can hold the
 // float argmax; their float logits are computed exactly as the full head would compute them.
 struct NbScreen {
     NbLinear approx;
     const float* weight_error;  // [vocab] max |w - w_rounded| of each row
-    const float* abs_sum;       // [vocab] sum |w_rounded| of each row
+    const float* code_sum;      // [vocab] sum of scale * code of each row: the coefficients on rounded h
     const float* magnitude;     // [vocab] bound on the size of the terms each row's logit sums, per |h|_1
     int64_t max_candidates;     // more than this: compute the whole float head for that row
     int64_t* candidates;        // [max_candidates] scratch
@@ -424,7 +424,7 @@ int64_t screened_pick(const NbModel& m, const NbScreen& screen, int64_t r) {
     for (int64_t i = 0; i < m.hidden; ++i) l1 += std::fabs(h[i]), amax = std::max(amax, std::fabs(h[i]));
     const float x_error = amax / 16382.f;
     const auto eps = [&](int64_t o) {
-        return screen.weight_error[o] * l1 + screen.abs_sum[o] * x_error + 1e-4f * screen.magnitude[o] * l1;
+        return screen.weight_error[o] * l1 + screen.code_sum[o] * x_error + 1e-4f * screen.magnitude[o] * l1;
     };
     float floor = -INFINITY;  // the best lower bound
     for (int64_t o = 0; o < m.vocab; ++o) floor = std::max(floor, approx[o] - eps(o));
