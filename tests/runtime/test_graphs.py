@@ -104,3 +104,14 @@ def test_graph_generation_equals_eager_generation():
     results = {backend: generate(build_runtime(model, max_len=128, batch_size=2, backend=backend), prompts, 80)
                for backend in ("torch", "graph")}
     assert results["graph"].tokens == results["torch"].tokens
+
+
+def test_static_step_with_quantized_layers_matches_the_eager_step():
+    from nibble.quantize import RTNConfig, quantize_
+
+    model = make_llama("gqa-tied", seed=4)
+    quantize_(model, RTNConfig(bits=4, group_size=32), None, progress=False)
+    prompts = [[1, 2, 3, 4], [7, 8]]
+    eager = generate(build_runtime(model, max_len=96, batch_size=2, backend="torch"), prompts, 70)
+    static = generate(static_runtime(model, max_len=96, batch_size=2), prompts, 70)
+    assert static.tokens == eager.tokens
