@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nibble.kernels.reference import expand_groups, unpack_rows
 from nibble.runtime.head import round_head
 
 SCREEN_BITS = 8
+ROWS_PER_CHUNK = 4096  # bounds are computed this many head rows at a time (temporaries stay small)
 
 
 def screen_tensors(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -35,16 +37,26 @@ def screen_tensors(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[nn.
     if bias is not None:
         linear.bias.data = bias.detach().float()
     rounded = round_head(linear, SCREEN_BITS, group_size=-1)
-    exact, approx = weight.detach().float(), rounded.dequantize().float()
-    scales, zeros = rounded.scales.float(), rounded.zero_points().float()
-    per_input = scales.repeat_interleave(rounded.group_size, dim=1)[:, :rounded.in_features]
-    largest_code = 2 ** SCREEN_BITS - 1
-    bounds = {
+    zeros = rounded.zero_points().float()
+    parts = [_row_bounds(rounded, zeros, linear.weight.data, rows)
+             for rows in torch.arange(weight.shape[0]).split(ROWS_PER_CHUNK)]
+    bounds = {name: torch.cat([part[name] for part in parts]).contiguous() for name in parts[0]}
+    return rounded, bounds
+
+
+def _row_bounds(rounded, zeros: torch.Tensor, exact: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The bounds of head rows ``rows`` (see ``screen_tensors``)."""
+    codes = unpack_rows(rounded.qweight[rows], rounded.bits, rounded.in_features).float()
+    scales, zeros = rounded.scales[rows].float(), zeros[rows]
+    per_input = expand_groups(scales, rounded.group_size, rounded.in_features)
+    approx = per_input * (codes - expand_groups(zeros, rounded.group_size, rounded.in_features))
+    exact = exact[rows]
+    largest_code = 2 ** rounded.bits - 1
+    return {
         "weight_error": (exact - approx).abs().amax(1),
-        "code_sum": (per_input * rounded.integers().float()).sum(1),
+        "code_sum": (per_input * codes).sum(1),
         "magnitude": (scales * (largest_code + zeros.abs())).amax(1) + exact.abs().amax(1),
     }
-    return rounded, {name: t.contiguous() for name, t in bounds.items()}
 
 
 def max_candidates(vocab: int) -> int:
