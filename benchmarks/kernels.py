@@ -104,19 +104,14 @@ def time_interleaved(cases: list[Case], device: torch.device, rounds: int, targe
 
 def time_graphs(cases: list[Case], rounds: int, target_s: float) -> list[tuple[float, float]]:
     """Like ``time_interleaved`` on CUDA: each sample is one replay of a graph of many calls."""
+    from nibble.runtime.graphs import capture_graph
+
     graphs, calls = [], []
     for case in cases:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (autotuning, workspaces) off the capture
-            for run in case.runs:
-                run()
-        torch.cuda.current_stream().wait_stream(side)
+        cycle(case.runs, len(case.runs))()  # first calls (compilation) before the per-call estimate
         count = max(len(case.runs), calls_per_sample(case.runs[0], torch.device("cuda"), target_s / 10))
         count = min(count, 256 * len(case.runs))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            cycle(case.runs, count)()
+        graph, _ = capture_graph(cycle(case.runs, count), warmups=1)
         graphs.append(graph)
         calls.append(count)
     samples: list[list[float]] = [[] for _ in cases]

@@ -147,12 +147,20 @@ class DecodeRuntime:
                 return positions, None, steps > 1
             keys = torch.arange(start + steps, device=self.device)
             return positions, (keys[None, :] <= slots[:, None])[None, None], False
-        pads = self.pad_lengths[:, None]
-        positions = (slots[None] - pads).clamp(min=0)
-        keys = torch.arange(start + steps, device=self.device)
-        visible = (keys[None, None] <= slots[None, :, None]) & (keys[None, None] >= pads[:, :, None])
-        visible |= keys[None, None] == slots[None, :, None]  # pad rows see themselves: no empty softmax
-        return positions, visible[:, None], False
+        positions, visible = padded_attention(slots, self.pad_lengths, start + steps)
+        return positions, visible, False
+
+
+def padded_attention(slots: torch.Tensor, pads: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE positions ``[batch, T]`` of tokens written at cache ``slots`` [T] in rows with ``pads``
+    [batch] leading pad slots, and which of the first ``length`` slots each may attend to, as a
+    boolean ``[batch, 1, T, length]`` mask: its row's slots from the first real one up to its own
+    (a pad row sees itself, so no softmax is empty)."""
+    keys = torch.arange(length, device=slots.device)
+    positions = (slots[None] - pads[:, None]).clamp(min=0)
+    visible = (keys <= slots[:, None]) & (keys >= pads[:, None, None])
+    visible |= keys == slots[:, None]
+    return positions, visible[:, None]
 
 
 def build_runtime(model: nn.Module, max_len: int = 2048, batch_size: int = 1, backend: str = "auto",

@@ -10,7 +10,7 @@ does not attend to the whole cache. Prompts (several tokens per row) run eagerly
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -20,6 +20,7 @@ from nibble.runtime.kv_cache import StaticKVCache
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 64
+T = TypeVar("T")
 
 
 def length_bucket(slot: int, max_len: int) -> int:
@@ -81,16 +82,24 @@ class GraphedDecodeStep:
         return logits
 
     def _capture(self, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Warm up on a side stream (kernel choices, workspaces; the writes are the ones the replay
-        repeats), then record one step. Graphs share one memory pool."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward(length)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(length)
-        self._pool = graph.pool()
+        graph, logits = capture_graph(lambda: self._forward(length), self._pool)
+        self._pool = graph.pool()  # the graphs share one memory pool
         return graph, logits
+
+
+def capture_graph(fn: Callable[[], T], pool=None, warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``fn`` recorded as a CUDA graph, and its output (rewritten by each replay).
+
+    ``fn`` first runs ``warmups`` times on a side stream (kernel choices, autotuning, workspaces stay
+    out of the graph); its writes must be ones a replay may repeat.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = fn()
+    return graph, output

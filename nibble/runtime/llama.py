@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nibble.errors import UnsupportedArchitectureError
-from nibble.runtime.engine import StepInput
+from nibble.runtime.engine import StepInput, padded_attention
 from nibble.runtime.kv_cache import StaticKVCache
 from nibble.runtime.linears import PreparedLinear, prepare_group, prepare_linear
 
@@ -154,10 +154,7 @@ class LlamaTorchStep:
         to the host, so one CUDA graph captured with these tensors replays for every ``slot < length``.
         """
         shape = self.shape
-        key_slots = torch.arange(length, device=tokens.device)
-        visible = ((key_slots <= slot) & (key_slots >= pads[:, None])) | (key_slots == slot)  # [batch, length]
-        visible = visible[:, None, None]
-        positions = (slot - pads).clamp(min=0)[:, None]
+        positions, visible = padded_attention(slot, pads, length)
 
         def attend(query, key, value, keys, values):
             keys.index_copy_(2, slot, key.transpose(1, 2))

@@ -82,8 +82,9 @@ struct NbModel {
 // integers (a scalar kernel), whose logits differ from the float ones by at most
 //   eps[o] = weight_error[o] * |h|_1 + code_sum[o] * max|h| / 16382 + 1e-4 * magnitude[o] * |h|_1
 // (the weights' rounding, the kernel's rounding of h to 14-bit integers, and float rounding in both
-// computations, generously; see nibble/runtime/screen.py). Only rows whose interval reaches the best lower bound can hold the
-// float argmax; their float logits are computed exactly as the full head would compute them.
+// computations, generously; see nibble/runtime/screen.py). Only rows whose interval reaches the
+// best lower bound can hold the float argmax; their float logits are computed exactly as the full
+// head computes them.
 struct NbScreen {
     NbLinear approx;
     const float* weight_error;  // [vocab] max |w - w_rounded| of each row
@@ -153,18 +154,21 @@ int64_t argmax(const float* x, int64_t n) {
 constexpr int64_t kRowsPerChunk = 32;
 constexpr int64_t kAttentionWorkPerJob = 256;  // (head, key) pairs worth a pool job (~1 us to hand out)
 
+// Output o of a dense linear for one input row: every float logit of the head, screened or not, is
+// computed here, so the screen's picks equal the full head's bit for bit.
+inline float dense_output(const NbLinear& lin, const float* x, int64_t o) {
+    return dot(lin.weight + o * lin.in_features, x, lin.in_features) + (lin.bias ? lin.bias[o] : 0.0f);
+}
+
 // y = x W^T + b for `rows` input rows; each weight row is read once for all input rows.
 void dense_linear(const NbLinear& lin, const float* x, int64_t x_stride, float* y, int64_t y_stride,
                   int64_t rows, nibble::WorkPool& pool) {
-    const int64_t in = lin.in_features, out = lin.out_features;
+    const int64_t out = lin.out_features;
     const int64_t chunks = (out + kRowsPerChunk - 1) / kRowsPerChunk;
     pool.run(chunks, [&](int64_t chunk) {
         const int64_t end = std::min(out, (chunk + 1) * kRowsPerChunk);
-        for (int64_t o = chunk * kRowsPerChunk; o < end; ++o) {
-            const float* w = lin.weight + o * in;
-            const float b = lin.bias ? lin.bias[o] : 0.0f;
-            for (int64_t r = 0; r < rows; ++r) y[r * y_stride + o] = dot(w, x + r * x_stride, in) + b;
-        }
+        for (int64_t o = chunk * kRowsPerChunk; o < end; ++o)
+            for (int64_t r = 0; r < rows; ++r) y[r * y_stride + o] = dense_output(lin, x + r * x_stride, o);
     });
 }
 
@@ -439,7 +443,7 @@ int64_t screened_pick(const NbModel& m, const NbScreen& screen, int64_t r) {
     float best_value = -INFINITY;
     for (int64_t c = 0; c < count; ++c) {  // ascending rows: the first of equal maxima wins, as in argmax
         const int64_t o = screen.candidates[c];
-        const float value = dot(m.lm_head.weight + o * m.hidden, h, m.hidden) + (m.lm_head.bias ? m.lm_head.bias[o] : 0.0f);
+        const float value = dense_output(m.lm_head, h, o);
         if (value != value) return -1;
         if (best < 0 || value > best_value) best = o, best_value = value;
     }
@@ -481,9 +485,7 @@ int64_t nb_llama_decode_greedy(const NbModel* model, const NbScreen* screen, con
         picks[r] = screened_pick(m, *screen, r);
         if (picks[r] >= 0) continue;
         float* logits = m.logits + r * m.vocab;
-        const float* h = m.h + r * m.hidden;
-        for (int64_t o = 0; o < m.vocab; ++o)
-            logits[o] = dot(m.lm_head.weight + o * m.hidden, h, m.hidden) + (m.lm_head.bias ? m.lm_head.bias[o] : 0.0f);
+        dense_linear(m.lm_head, m.h + r * m.hidden, m.hidden, logits, m.vocab, 1, pool_for(m.threads));
         picks[r] = argmax(logits, m.vocab);
     }
     return 0;
