@@ -27,7 +27,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -116,14 +115,15 @@ def build_engines(args) -> tuple[list[Engine], list[int]]:
     gpu = args.device != "cpu"
     dtype = torch.float16 if gpu else torch.float32
 
+    if args.random_weights and args.aqlm:
+        raise SystemExit("--random-weights runs the float model only (no --aqlm)")
+
     def load(spec: str):
+        if args.random_weights:  # every model is the same random SmolLM2-shaped Llama
+            return random_smollm2(dtype, args.device)
         return load_model(spec, dtype=dtype, device=args.device)
 
-    if args.random_weights:
-        if args.aqlm:
-            raise SystemExit("--random-weights runs the float model only (no --aqlm)")
-        load = partial(random_smollm2, dtype, args.device)
-        prompt = list(range(100, 124))
+    prompt = list(range(100, 124))
     model = load("smollm2-135m")
     skip_llama_cpp = args.no_llama_cpp or gpu or args.random_weights
     if not args.random_weights:
@@ -158,7 +158,7 @@ def build_engines(args) -> tuple[list[Engine], list[int]]:
     return engines, prompt
 
 
-def random_smollm2(dtype: torch.dtype, device: str, _spec: str = ""):
+def random_smollm2(dtype: torch.dtype, device: str):
     """A randomly initialised Llama with SmolLM2-135M's shape (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

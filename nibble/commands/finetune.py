@@ -37,8 +37,9 @@ def add_parser(subparsers) -> None:
                       help="learning-rate schedule of both steps (default cosine: decay to --min-lr-ratio x lr)")
     tune.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / initial lr under cosine (0.1)")
     tune.add_argument("--v-every", type=int, default=1, help="take a V step every N steps")
-    tune.add_argument("--v-start", type=int, default=0,
-                      help="first step with a V step (V-step Adam moments accumulate from step 0)")
+    tune.add_argument("--v-start", type=int, default=1,
+                      help="first step with a V step (default 1: at step 0 the V-step Adam's direction is sign(grad), "
+                           "the same size for every group; its moments accumulate from step 0)")
     tune.add_argument("--v-memory", type=float, default=0.0,
                       help="pv: carry this fraction of each V step's unrealised move to the next (default 0)")
     tune.add_argument("--v-select", default="change", choices=["change", "gain"],

@@ -27,7 +27,9 @@ class TuneConfig:
     ``schedule``: ``cosine`` decays both learning rates from their value at step 0 to
     ``min_lr_ratio`` times it at the last step; ``constant`` keeps them.
     V steps start at step ``v_start`` (the V-step Adam moments are accumulated from step 0, so
-    that the first V step already ranks groups by consistent gradients).
+    that the first V step already ranks groups by consistent gradients). The default 1 skips
+    step 0, whose Adam direction is sign(∇L): every group would propose a move of the same size,
+    and the ``change`` ranking would pick groups by position.
     ``v_memory`` (``pv`` only): the fraction of what a V step's target asked for but re-encoding
     did not deliver (Y − Ŵ_new) that is added to the next V step's target; 0 forgets it, so a move
     smaller than the distance to the next representable value never changes a code; values near 1
@@ -54,7 +56,7 @@ class TuneConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     v_every: int = 1
-    v_start: int = 0
+    v_start: int = 1
     v_memory: float = 0.0
     v_select: str = "change"
     v_metric: str = "plain"

@@ -10,7 +10,7 @@ from nibble.tune import PVTuner, TeacherOutputs, TuneConfig
 
 
 def test_input_metric_weights_columns_by_the_training_inputs(make_aqlm_student, teacher, windows):
-    config = TuneConfig(tau=0.2, v_lr=2.0, trust_ratio=None, batch_size=4, v_metric="inputs").validate()
+    config = TuneConfig(tau=0.2, v_lr=2.0, trust_ratio=None, batch_size=4, v_metric="inputs", v_start=0).validate()
     train = windows[:8]
     tuner = PVTuner(make_aqlm_student(teacher), TeacherOutputs(teacher, train), train, config)
     name = "model.layers.0.mlp.down_proj"
@@ -32,7 +32,7 @@ def test_input_metric_weights_columns_by_the_training_inputs(make_aqlm_student, 
 
 
 def test_hessian_metric_uses_the_first_steps_inputs(make_aqlm_student, make_scalar_student, teacher, windows):
-    config = TuneConfig(tau=0.2, v_lr=2.0, trust_ratio=None, batch_size=2, v_metric="hessian").validate()
+    config = TuneConfig(tau=0.2, v_lr=2.0, trust_ratio=None, batch_size=2, v_metric="hessian", v_start=0).validate()
     train = windows[:8]
     tuner = PVTuner(make_aqlm_student(teacher), TeacherOutputs(teacher, train), train, config)
     name = "model.layers.0.self_attn.o_proj"

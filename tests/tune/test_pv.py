@@ -7,6 +7,7 @@ import torch
 
 from nibble.errors import ConfigError
 from nibble.tune import PVTuner, TeacherOutputs, TuneConfig, trainable_parameters
+from nibble.tune.optim import NamedAdam
 
 
 def tune(student, teacher, windows, config: TuneConfig, steps: int):
@@ -79,6 +80,18 @@ def test_the_schedule_sets_both_learning_rates(make_scalar_student, teacher, win
     for step in range(3):
         tuner.train_step([4 * step + j for j in range(4)])
     assert tuner.p_opt.lr == pytest.approx(0.25e-3) and tuner.v_opt.lr == pytest.approx(0.05)
+
+
+def test_first_v_direction_cannot_rank_groups_so_v_steps_start_at_step_one():
+    """Adam's first direction is sign(grad): every weight proposes a move of the same size, so a
+    V step at step 0 would pick its groups by position; the second direction already differs."""
+    adam = NamedAdam(1.0, TuneConfig().v_betas)
+    grads = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0))
+    first = adam.direction("w", grads[0]).abs()
+    torch.testing.assert_close(first, torch.ones_like(first), rtol=0, atol=1e-3)  # |g| / (|g| + eps)
+    second = adam.direction("w", grads[1]).abs()
+    assert float(second.max()) > 5 * float(second.min())
+    assert TuneConfig().v_start == 1
 
 
 def test_v_steps_wait_for_v_start_and_respect_the_trust_ratio(make_scalar_student, teacher, windows):
