@@ -5,6 +5,10 @@ activations, radix-4/radix-2 FP4 gradients, nearest or stochastic rounding); one
 one thread, WikiText-2 perplexity per byte of the first 262,144 bytes, as ``train_4bit.py``.
 
     NIBBLE_DATA=../shared/data python benchmarks/train_4bit_ablation.py [--variants ...] [--seed 0]
+
+``--fidelity-every N`` instead prints, every N steps of each variant's training, the cosine of every
+quantized layer's weight gradient to the exact gradient of the same INT4 forward pass
+(``--fidelity-window W``: over W consecutive steps, per step and of their sum).
 """
 
 from __future__ import annotations
@@ -13,9 +17,14 @@ import argparse
 import sys
 import time
 
-import torch
+from contextlib import contextmanager
 
-from nibble.train.recipes import Recipe
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nibble.train.layers import QLinear
+from nibble.train.recipes import RECIPES, Recipe
 from nibble.train.tasks.lm import LMConfig, run_lm
 
 _FORWARD = dict(weight="int4-sawb", act="int4-pact")
@@ -37,6 +46,17 @@ VARIANTS: dict[str, Recipe] = {r.name: r for r in (
            dgrad_grad="log4-even-sr-vec", wgrad_grad="log4-odd-sr-vec"),
     Recipe("ibm-fp4-geo", "both, nearest in the log domain (geometric midpoints)", **_FORWARD,
            dgrad_grad="log4-even-geo", wgrad_grad="log4-odd-geo"),
+    Recipe("ibm-fp4-alt", "both, nearest, the phase alternating along each GEMM's reduction", **_FORWARD,
+           dgrad_grad="log4-even-alt", wgrad_grad="log4-odd-alt"),
+    Recipe("wgrad-alt", "both, nearest; only the weight-gradient GEMM's phase alternates", **_FORWARD,
+           dgrad_grad="log4-even", wgrad_grad="log4-odd-alt"),
+    Recipe("ibm-fp4-b32", "both, nearest, one GradScale per 32 values along each GEMM's reduction", **_FORWARD,
+           dgrad_grad="log4-even-b32", wgrad_grad="log4-odd-b32"),
+    Recipe("ibm-fp4-sr-b32", "both, stochastic, one GradScale per 32 values along each GEMM's reduction",
+           **_FORWARD, dgrad_grad="log4-even-sr-b32", wgrad_grad="log4-odd-sr-b32"),
+    Recipe("ibm-fp4-dither-tensor", "both, nearest, one GradScale per tensor shifted by a random 2^u, u in [0, 2)",
+           **_FORWARD, dgrad_grad="log4-even-dither", wgrad_grad="log4-odd-dither"),
+    RECIPES["ibm-fp4-dither"],  # nearest, a dithered GradScale per 32 values along the reduction
     Recipe("radix2", "radix-2 FP4 on both, nearest", **_FORWARD, dgrad_grad="log2", wgrad_grad="log2"),
     Recipe("radix2-geo", "radix-2 FP4 on both, nearest in the log domain", **_FORWARD, dgrad_grad="log2-geo",
            wgrad_grad="log2-geo"),
@@ -44,12 +64,97 @@ VARIANTS: dict[str, Recipe] = {r.name: r for r in (
 )}
 
 
+@contextmanager
+def recipe_of(model: nn.Module, recipe: Recipe):
+    """Temporarily run every quantized layer of ``model`` under ``recipe`` (same PACT clips)."""
+    layers = [m for m in model.modules() if isinstance(m, QLinear)]
+    saved = [m.recipe for m in layers]
+    for m in layers:
+        m.recipe = recipe
+    try:
+        yield
+    finally:
+        for m, r in zip(layers, saved):
+            m.recipe = r
+
+
+def weight_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of the quantized layers' weights on one batch (the model's grads are left cleared)."""
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).backward()
+    grads = {name: m.weight.grad.clone() for name, m in model.named_modules() if isinstance(m, QLinear)}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+class Fidelity:
+    """Cosine of each quantized layer's weight gradient to the exact gradient of the same (INT4)
+    forward pass, at the variant's own weights during its training: over ``window`` consecutive
+    steps from every ``every``-th, both per step (averaged) and of the gradients summed over the
+    window (what momentum sees: zero-mean rounding noise cancels in the sum, a bias does not).
+    The RNG state is restored, so training is the same as without it."""
+
+    def __init__(self, every: int, window: int = 1, reference: Recipe = VARIANTS["int4-forward"]):
+        self.every, self.window, self.reference = every, window, reference
+        self.rows: list[tuple[int, dict[str, float], dict[str, float]]] = []
+        self._sums: dict[str, list[torch.Tensor]] = {}
+        self._step_cosines: list[dict[str, float]] = []
+
+    def __call__(self, model: nn.Module, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        offset = step % self.every
+        if offset >= self.window:
+            return
+        rng = torch.get_rng_state()
+        with recipe_of(model, self.reference):
+            exact = weight_grads(model, inputs, targets)
+        quantized = weight_grads(model, inputs, targets)
+        torch.set_rng_state(rng)
+        if offset == 0:
+            self._sums, self._step_cosines = {name: [torch.zeros_like(g), torch.zeros_like(g)] for name, g in exact.items()}, []
+        self._step_cosines.append({name: _cosine(quantized[name], g) for name, g in exact.items()})
+        for name, g in exact.items():
+            self._sums[name][0] += g
+            self._sums[name][1] += quantized[name]
+        if offset == self.window - 1:
+            names = list(exact)
+            one_step = {n: sum(c[n] for c in self._step_cosines) / self.window for n in names}
+            summed = {n: _cosine(q, e) for n, (e, q) in self._sums.items()}
+            self.rows.append((step - offset, one_step, summed))
+
+    def table(self) -> str:
+        names = list(self.rows[0][1])
+        lines = [f"| steps | {' | '.join(n.replace('blocks.', 'b') for n in names)} | mean |",
+                 "|---" * (len(names) + 2) + "|"]
+        for start, one_step, summed in self.rows:
+            cells = [f"{one_step[n]:.2f}" + (f" / {summed[n]:.2f}" if self.window > 1 else "") for n in names]
+            mean = f"{sum(one_step.values()) / len(names):.2f}"
+            if self.window > 1:
+                mean += f" / {sum(summed.values()) / len(names):.2f}"
+            lines.append(f"| {start}-{start + self.window - 1} | {' | '.join(cells)} | {mean} |")
+        return "\n".join(lines)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten(), b.flatten(), 0))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fidelity-every", type=int, default=0, metavar="N",
+                        help="every N steps, print each layer's weight-gradient cosine to the exact gradient")
+    parser.add_argument("--fidelity-window", type=int, default=1, metavar="W",
+                        help="with --fidelity-every: W consecutive steps from every N-th; also the cosine of their sum")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.fidelity_every:
+        for name in args.variants:
+            fidelity = Fidelity(args.fidelity_every, args.fidelity_window)
+            result = run_lm(VARIANTS[name], args.seed, LMConfig(eval_bytes=2 ** 18), progress=False, inspect=fidelity)
+            print(f"\n`{name}` (seed {args.seed}, WikiText-2 ppl {result['ppl']:.2f}): weight-gradient cosine "
+                  f"to the exact gradient\n\n{fidelity.table()}", flush=True)
+        return 0
     print("| variant | operands | WikiText-2 ppl (per byte) | minutes |")
     print("|---|---|---|---|")
     for name in args.variants:

@@ -243,7 +243,7 @@ NV_BLOCK = 16
 E2M1_EMAX = 2  # exponent of E2M1's largest power of two (6 = 1.5 * 2^2)
 
 
-def _blockwise(x: torch.Tensor, dim: int, block: int,
+def blockwise(x: torch.Tensor, dim: int, block: int,
                fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
     """Apply ``fn(blocks, axis)`` to ``x`` viewed with ``dim`` split into ``[n_blocks, block]``.
 
@@ -278,7 +278,7 @@ def quantize_mxfp4(x: torch.Tensor, dim: int = -1, rounding: Rounding = "nearest
         scale = mx_scale(magnitude.amax(axis, keepdim=True), clip_free)
         return _round_magnitude_(magnitude.div_(scale), E2M1, rounding).mul_(scale).copysign_(blocks)
 
-    return _blockwise(x, dim, block, quantize)
+    return blockwise(x, dim, block, quantize)
 
 
 def nv_scales(amax: torch.Tensor, tensor_amax: torch.Tensor) -> torch.Tensor:
@@ -299,4 +299,4 @@ def quantize_nvfp4(x: torch.Tensor, dim: int = -1, rounding: Rounding = "nearest
         # a block whose scale rounds to zero saturates, then is multiplied by zero
         return _round_magnitude_(magnitude.div_(scale.clamp_min(_TINY)), E2M1, rounding).mul_(scale).copysign_(blocks)
 
-    return _blockwise(x, dim, block, quantize)
+    return blockwise(x, dim, block, quantize)

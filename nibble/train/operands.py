@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 
 from nibble.errors import ConfigError
-from nibble.train.formats import quantize_mxfp4, quantize_nvfp4
-from nibble.train.quantizers import LOG_FORMATS, quantize_activation_pact, quantize_grad_log, quantize_weight_sawb
+from nibble.train.formats import RADIX4_EVEN, RADIX4_ODD, quantize_mxfp4, quantize_nvfp4
+from nibble.train.quantizers import (LOG_FORMATS, interleaved_two_phase_round, quantize_activation_pact,
+                                    quantize_grad_log, quantize_weight_sawb)
 
 Quantizer = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -50,6 +51,15 @@ def _static_quantizers() -> dict[str, Quantizer]:
         # per column in the weight-gradient GEMM): scales outside the reduction, as hardware needs
         table[f"{name}-vec"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, dim=dim)
         table[f"{name}-sr-vec"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, "stochastic", dim=dim)
+        # microscaled: one GradScale per 32 values along the GEMM's reduction
+        table[f"{name}-b32"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, dim=dim, block=32)
+        table[f"{name}-sr-b32"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, "stochastic", dim=dim, block=32)
+        # a random shift of the GradScale by up to one grid period (one draw per tensor)
+        table[f"{name}-dither"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, dither=True)
+        table[f"{name}-dither-b32"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, dim=dim, block=32, dither=True)
+    # radix-4 phases alternating along the GEMM's reduction (starting even / odd)
+    for start, fmt in (("even", RADIX4_EVEN), ("odd", RADIX4_ODD)):
+        table[f"log4-{start}-alt"] = lambda t, dim, fmt=fmt: interleaved_two_phase_round(t, dim, fmt)
     return table
 
 

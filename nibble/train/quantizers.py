@@ -25,7 +25,8 @@ import torch
 
 from nibble.errors import ConfigError
 from nibble.train.formats import (
-    RADIX2, RADIX4_EVEN, RADIX4_ODD, LogFormat, LogRounding, int_range, quantize_int, quantize_log,
+    RADIX2, RADIX4_EVEN, RADIX4_ODD, LogFormat, LogRounding, blockwise, int_range, quantize_int, quantize_log,
+    uniform,
 )
 
 # --- SAWB ----------------------------------------------------------------------------------
@@ -166,16 +167,55 @@ def grad_scale(g: torch.Tensor, dim: int | None = None) -> torch.Tensor:
 
 
 def quantize_grad_log(g: torch.Tensor, fmt: LogFormat, rounding: LogRounding = "nearest",
-                      dim: int | None = None) -> torch.Tensor:
+                      dim: int | None = None, block: int = 0, dither: bool = False) -> torch.Tensor:
     """Logarithmic FP4 gradient with a per-tensor GradScale, or (``dim``: the GEMM's reduction
-    dimension) one GradScale per output vector of the GEMM (an ablation of the per-tensor scale)."""
-    return quantize_log(g, grad_scale(g, dim), fmt, rounding)
+    dimension) one GradScale per output vector of the GEMM (an ablation of the per-tensor scale),
+    or with ``block`` one per ``block`` consecutive values along ``dim`` (microscaling).
+
+    ``dither``: each GradScale is raised by a random ``2^u``, ``u`` uniform over one period of the
+    grid (``[0, log2 radix)``). Round-to-nearest gives a value a gain (rounded / value) that depends
+    on where it falls on the log-periodic grid, the same at every step: a bias that momentum
+    accumulates. The random shift makes that position uniform, so the expected gain is the same
+    for every value, while the rounding stays deterministic (one random number per scale, not per
+    element as in stochastic rounding).
+    """
+    def quantize(x: torch.Tensor, scale_dim: int | None) -> torch.Tensor:
+        scale = grad_scale(x, scale_dim)
+        if dither:
+            scale = scale * torch.exp2(uniform(scale.shape, x.device) * fmt.step)
+        return quantize_log(x, scale, fmt, rounding)
+
+    if block:
+        return blockwise(g, dim, block, quantize)
+    return quantize(g, dim)
 
 
 def two_phase_round(g: torch.Tensor, rounding: LogRounding = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
     """Radix-4 FP4 copies of ``g`` under one GradScale: (even powers of two, odd powers of two)."""
     scale = grad_scale(g)
     return quantize_log(g, scale, RADIX4_EVEN, rounding), quantize_log(g, scale, RADIX4_ODD, rounding)
+
+
+def interleaved_two_phase_round(g: torch.Tensor, dim: int, first: LogFormat = RADIX4_EVEN,
+                                rounding: LogRounding = "nearest") -> torch.Tensor:
+    """Radix-4 FP4 ``g`` whose phase alternates along ``dim`` (a GEMM's reduction dimension): even
+    indices on ``first``'s powers of two, odd indices on the other phase's, under one GradScale.
+
+    Round-to-nearest gives each value a gain that depends only on where it falls between two
+    levels, so values of similar size that a GEMM sums (one feature's gradient over many tokens)
+    share one error and it adds up coherently. The two phases' grids are offset by a factor of
+    two, so their gains differ; alternating them along the reduction averages the two. The GEMM
+    stays a 4-bit GEMM: it is two GEMMs over the halves of the reduction, with scales differing
+    by two (scales outside each GEMM's reduction, as hardware needs).
+    """
+    second = RADIX4_ODD if first == RADIX4_EVEN else RADIX4_EVEN
+    scale = grad_scale(g)
+    out = torch.empty_like(g)
+    index = [slice(None)] * g.dim()
+    for start, fmt in ((0, first), (1, second)):
+        index[dim] = slice(start, None, 2)
+        out[tuple(index)] = quantize_log(g[tuple(index)], scale, fmt, rounding)
+    return out
 
 
 LOG_FORMATS = {"log4-even": RADIX4_EVEN, "log4-odd": RADIX4_ODD, "log2": RADIX2}

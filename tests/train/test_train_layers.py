@@ -13,15 +13,26 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 from nibble.train import QConv2d, QLinear, Recipe, get_recipe
 from nibble.train.formats import RADIX2, RADIX4_EVEN, RADIX4_ODD, quantize_log, quantize_mxfp4, quantize_nvfp4
 from nibble.train.quantizers import (
-    grad_scale, quantize_activation_pact, quantize_weight_sawb, random_hadamard, random_signs, sawb_clip,
+    grad_scale, quantize_activation_pact, quantize_grad_log, quantize_weight_sawb, random_hadamard, random_signs, sawb_clip,
 )
 
 BACKWARD_SEED = 123
-INT4_GRADS = {  # (input-gradient format, weight-gradient format, rounding)
-    "int4-forward": (None, None, "nearest"),
-    "ibm-fp4": (RADIX4_EVEN, RADIX4_ODD, "nearest"),
-    "ibm-fp4-sr": (RADIX4_EVEN, RADIX4_ODD, "stochastic"),
-    "fp4-radix2": (RADIX2, RADIX2, "nearest"),
+
+def _log_grad(fmt, rounding: str = "nearest"):
+    """Per-tensor GradScale and one logarithmic format (``None``: fp32), as ``q(g, reduction_dim)``."""
+    return lambda g, dim: g if fmt is None else quantize_log(g, grad_scale(g), fmt, rounding)
+
+
+def _dithered_blocks(fmt):
+    return lambda g, dim: quantize_grad_log(g, fmt, dim=dim, block=32, dither=True)
+
+
+INT4_GRADS = {  # (input-gradient quantizer, weight-gradient quantizer)
+    "int4-forward": (_log_grad(None), _log_grad(None)),
+    "ibm-fp4": (_log_grad(RADIX4_EVEN), _log_grad(RADIX4_ODD)),
+    "ibm-fp4-sr": (_log_grad(RADIX4_EVEN, "stochastic"), _log_grad(RADIX4_ODD, "stochastic")),
+    "ibm-fp4-dither": (_dithered_blocks(RADIX4_EVEN), _dithered_blocks(RADIX4_ODD)),
+    "fp4-radix2": (_log_grad(RADIX2), _log_grad(RADIX2)),
 }
 FP4 = {  # nearest quantizer, stochastic quantizer, Hadamard block
     "mxfp4": (lambda t, d: quantize_mxfp4(t, d), lambda t, d: quantize_mxfp4(t, d, "stochastic", True), 32),
@@ -47,10 +58,6 @@ CONV = Gemms(forward=lambda x, w: F.conv2d(x, w, stride=2, padding=1),
              bias_shape=(1, -1, 1, 1))
 
 
-def _grad_log(g: torch.Tensor, fmt, rounding: str = "nearest") -> torch.Tensor:
-    return g if fmt is None else quantize_log(g, grad_scale(g), fmt, rounding)
-
-
 def int4_reference(name: str, layer, x: torch.Tensor, g: torch.Tensor, ops: Gemms) -> dict:
     """Signed inputs: the SAWB clip of x, re-fitted at every call (no gradient); non-negative ones:
     PACT's learned clip and its gradient."""
@@ -60,13 +67,13 @@ def int4_reference(name: str, layer, x: torch.Tensor, g: torch.Tensor, ops: Gemm
     w, b = layer.weight.detach(), layer.bias.detach()
     xq = quantize_activation_pact(x.clamp(low, alpha), alpha, 4, signed)
     wq = quantize_weight_sawb(w)
-    dgrad_format, wgrad_format, rounding = INT4_GRADS[name]
+    dgrad_q, wgrad_q = INT4_GRADS[name]
     torch.manual_seed(BACKWARD_SEED)  # the layer's backward draws its random bits in this order
-    dx_clipped = ops.dgrad(_grad_log(g, dgrad_format, rounding), wq, x)
+    dx_clipped = ops.dgrad(dgrad_q(g, 1), wq, x)  # reduction over output features (channels)
     outside_low = x <= low if signed else x < 0
     reference = {"y": ops.forward(xq, wq) + b.view(ops.bias_shape),
                  "dx": dx_clipped * ((x < alpha) & ~outside_low),
-                 "dw": ops.wgrad(_grad_log(g, wgrad_format, rounding), xq, w)}
+                 "dw": ops.wgrad(wgrad_q(g, 0), xq, w)}  # reduction over rows (batch, positions)
     if not signed:
         reference["dalpha"] = dx_clipped[x >= alpha].sum()
     return reference

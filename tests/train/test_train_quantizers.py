@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from nibble.errors import ConfigError
-from nibble.train.formats import int_levels, quantize_int
+from nibble.train.formats import RADIX4_EVEN, RADIX4_ODD, int_levels, quantize_int, quantize_log
 from nibble.train.quantizers import (
     SAWB_COEFFICIENTS, fit_sawb_coefficients, grad_scale, hadamard_matrix, init_pact_alpha, mse_optimal_clip,
-    pact_clip, quantize_activation_pact, quantize_weight_sawb, random_hadamard, random_signs, sawb_clip,
-    two_phase_round,
+    interleaved_two_phase_round, pact_clip, quantize_activation_pact, quantize_grad_log, quantize_weight_sawb,
+    random_hadamard, random_signs, sawb_clip, two_phase_round,
 )
 
 SAMPLES = {
@@ -119,6 +119,74 @@ def test_two_phase_errors_partly_cancel():
     even, odd = two_phase_round(g)
     mse = lambda q: float((q - g).pow(2).mean())  # noqa: E731
     assert mse((even + odd) / 2) < 0.8 * min(mse(even), mse(odd))
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("first", [RADIX4_EVEN, RADIX4_ODD])
+def test_interleaved_two_phase_alternates_the_phase_along_the_reduction(dim, first):
+    g = torch.randn(7, 9) * torch.logspace(-3, 0, 63).view(7, 9)
+    q = interleaved_two_phase_round(g, dim, first)
+    scale = grad_scale(g)  # one GradScale for both phases
+    second = RADIX4_ODD if first == RADIX4_EVEN else RADIX4_EVEN
+    for index in range(g.shape[dim]):
+        fmt = first if index % 2 == 0 else second
+        assert torch.equal(q.select(dim, index), quantize_log(g.select(dim, index), scale, fmt))
+
+
+def test_interleaved_phases_cancel_the_coherent_error_of_a_sum():
+    # one feature's gradient over many tokens, all of about the same size: round-to-nearest gives
+    # every term the same error; alternating the phase along the sum averages two different errors
+    g = (2.3 + 0.01 * torch.randn(4096, 1)) * 2.0 ** -5
+    exact = float(g.sum())
+    one_phase = float(quantize_grad_log(g, RADIX4_EVEN).sum())
+    interleaved = float(interleaved_two_phase_round(g, 0).sum())
+    assert abs(one_phase - exact) > 0.5 * exact  # 2.3 rounds down to 1 on the even grid
+    assert abs(interleaved - exact) < 0.35 * exact  # half the terms round to 2 on the odd grid
+
+
+def test_block_grad_scale_fits_each_block():
+    # blocks of 4 along dim 1 whose sizes differ by 2^20: one per-tensor GradScale flushes the small
+    # block to zero, a GradScale per block keeps it at the same relative precision as the large one
+    g = torch.cat([torch.randn(3, 4), 2.0 ** -20 * torch.randn(3, 4)], dim=1)
+    assert quantize_grad_log(g, RADIX4_EVEN)[:, 4:].count_nonzero() == 0
+    q = quantize_grad_log(g, RADIX4_EVEN, dim=1, block=4)
+    for row in range(3):
+        for block in (slice(0, 4), slice(4, 8)):
+            part = g[row, block]
+            assert torch.equal(q[row, block], quantize_log(part, grad_scale(part), RADIX4_EVEN))
+
+
+def test_dithered_grad_scale_gives_every_value_the_same_expected_gain():
+    # round-to-nearest on the radix-4 grid: the gain (rounded / value) depends on where the value
+    # falls between two levels (1.9 -> 1: 0.53; 3.1 -> 4: 1.29); a random shift of the scale by up
+    # to one grid period makes the expected gain the same for all (1.2 / ln 4 for linear nearest)
+    torch.manual_seed(0)
+    values = torch.tensor([1.0, 1.3, 1.9, 2.4, 3.1])
+    g = torch.cat([torch.tensor([4.0]), values]).expand(20000, 6) * 2.0 ** -4  # 4 fixes the GradScale
+    gains_nearest = quantize_grad_log(g[:1], RADIX4_EVEN)[0, 1:] / g[0, 1:]
+    gains = quantize_grad_log(g, RADIX4_EVEN, dim=1, dither=True)[:, 1:].mean(0) / g[0, 1:]  # a draw per row
+    assert float(gains_nearest.max() - gains_nearest.min()) > 0.8
+    assert torch.allclose(gains, torch.full_like(gains, 1.2 / math.log(4)), rtol=0.015)
+
+
+def test_dithered_block_scales_put_each_block_on_its_own_shifted_grid():
+    torch.manual_seed(1)
+    g = torch.randn(5, 70)
+    q = quantize_grad_log(g, RADIX4_EVEN, dim=1, block=32, dither=True)
+    tops = []
+    for row in range(5):
+        for start in (0, 32, 64):
+            part, got = g[row, start:start + 32], q[row, start:start + 32]
+            top = got.abs().max()
+            # one radix-4 grid per block: every nonzero magnitude is the top over a power of four
+            steps = torch.log2(top / got[got != 0].abs()) / 2
+            assert torch.allclose(steps, steps.round(), atol=1e-5)
+            # the block maximum rounds to its nearest level: within (0.4, 1.6] of it
+            assert 0.4 < float(top / part.abs().max()) <= 1.6
+            tops.append(float(torch.log2(top)))
+    # the scales are shifted off the powers of two, by a different amount per block
+    fractions = torch.tensor(tops).remainder(2)
+    assert fractions.std() > 0.2 and len(set(round(f, 4) for f in fractions.tolist())) == len(tops)
 
 
 # --- random Hadamard transform -------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -118,9 +119,21 @@ def perplexity(model: nn.Module, ids: torch.Tensor, context: int, batch_size: in
     return math.exp(total / count)
 
 
+Inspector = Callable[[nn.Module, int, torch.Tensor, torch.Tensor], None]
+
+
+def _inspected(batches, model: nn.Module, inspect: Inspector, first_step: int):
+    for step, (inputs, targets) in enumerate(batches, first_step):
+        inspect(model, step, inputs, targets)
+        yield inputs, targets
+
+
 def run_lm(recipe: str, seed: int = 0, config: LMConfig = LMConfig(), keep: list[str] | None = None,
-           progress: bool = True) -> dict:
-    """Train the tiny LM on C4 under ``recipe`` and report WikiText-2 byte perplexity."""
+           progress: bool = True, inspect: Inspector | None = None) -> dict:
+    """Train the tiny LM on C4 under ``recipe`` and report WikiText-2 byte perplexity.
+
+    ``inspect(model, step, inputs, targets)``, if given, sees the model before every step.
+    """
     train = windows(encode_bytes(load_text("c4", "train")), config.context + 1)
     test = encode_bytes(load_text("wikitext2", "test"))
     if config.eval_bytes:
@@ -138,6 +151,8 @@ def run_lm(recipe: str, seed: int = 0, config: LMConfig = LMConfig(), keep: list
     for epoch in range(config.epochs):
         budget = total - len(log.losses)
         batches = (b for _, b in zip(range(budget), _batches(train, config.batch_size, generator)))
+        if inspect is not None:
+            batches = _inspected(batches, model, inspect, len(log.losses))
         train_steps(model, batches, _lm_loss, optimizer, scheduler, min(budget, steps_per_epoch),
                     f"{recipe} epoch {epoch + 1}/{config.epochs}", progress, log)
         if len(log.losses) >= total:

@@ -47,3 +47,13 @@ def test_few_steps_on_the_shared_data(shared_data):
     assert result["steps"] == 6 and result["task"] == "lm"
     assert 1 < result["ppl"] < 256 * 2 and math.isfinite(result["loss"])
     assert len(result["quantized_layers"]) == 4
+
+
+def test_inspect_sees_every_step_without_changing_training(shared_data):
+    config = LMConfig(dim=32, layers=1, heads=2, context=32, batch_size=8, max_steps=4, eval_bytes=3000)
+    seen = []
+    inspected = run_lm("ibm-fp4-sr", 0, config, progress=False,
+                       inspect=lambda model, step, inputs, targets: seen.append((step, inputs.shape)))
+    plain = run_lm("ibm-fp4-sr", 0, config, progress=False)
+    assert seen == [(step, torch.Size([8, 32])) for step in range(4)]
+    assert inspected["ppl"] == plain["ppl"]
