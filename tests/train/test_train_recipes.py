@@ -84,14 +84,14 @@ def _pattern(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return chunk[:, :-1], chunk[:, 1:]
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", list(RECIPES))
 def test_cnn_loss_falls_under_every_recipe(name):
     model = prepare(small_cnn(), name)
     first, last = _train(model, _blobs, lambda m, x, y: F.cross_entropy(m(x), y), steps=40)
     assert last < 0.5 * first
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", list(RECIPES))
 def test_transformer_loss_falls_under_every_recipe(name):
     model = prepare(TinyLM(dim=32, layers=1, heads=2, context=16), name)
     assert name == "fp32" or len(quantized_layers(model)) == 4
