@@ -110,7 +110,8 @@ class Fidelity:
         quantized = weight_grads(model, inputs, targets)
         torch.set_rng_state(rng)
         if offset == 0:
-            self._sums, self._step_cosines = {name: [torch.zeros_like(g), torch.zeros_like(g)] for name, g in exact.items()}, []
+            self._sums = {name: [torch.zeros_like(g), torch.zeros_like(g)] for name, g in exact.items()}
+            self._step_cosines = []
         self._step_cosines.append({name: _cosine(quantized[name], g) for name, g in exact.items()})
         for name, g in exact.items():
             self._sums[name][0] += g
@@ -122,6 +123,8 @@ class Fidelity:
             self.rows.append((step - offset, one_step, summed))
 
     def table(self) -> str:
+        if not self.rows:
+            return "(no complete window: training ended before one)"
         names = list(self.rows[0][1])
         lines = [f"| steps | {' | '.join(n.replace('blocks.', 'b') for n in names)} | mean |",
                  "|---" * (len(names) + 2) + "|"]
@@ -147,11 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fidelity-window", type=int, default=1, metavar="W",
                         help="with --fidelity-every: W consecutive steps from every N-th; also the cosine of their sum")
     args = parser.parse_args(argv)
+    if args.fidelity_every and not 1 <= args.fidelity_window <= args.fidelity_every:
+        parser.error("--fidelity-window must be between 1 and --fidelity-every")
     torch.set_num_threads(1)
     if args.fidelity_every:
         for name in args.variants:
             fidelity = Fidelity(args.fidelity_every, args.fidelity_window)
-            result = run_lm(VARIANTS[name], args.seed, LMConfig(eval_bytes=2 ** 18), progress=False, inspect=fidelity)
+            result = run_lm(VARIANTS[name], args.seed, LMConfig(eval_bytes=2 ** 18), progress=False,
+                            inspect=fidelity)
             print(f"\n`{name}` (seed {args.seed}, WikiText-2 ppl {result['ppl']:.2f}): weight-gradient cosine "
                   f"to the exact gradient\n\n{fidelity.table()}", flush=True)
         return 0

@@ -186,6 +186,8 @@ def quantize_grad_log(g: torch.Tensor, fmt: LogFormat, rounding: LogRounding = "
         return quantize_log(x, scale, fmt, rounding)
 
     if block:
+        if dim is None:
+            raise ConfigError("a GradScale per block needs the dimension to block along (dim)")
         return blockwise(g, dim, block, quantize)
     return quantize(g, dim)
 

@@ -13,10 +13,12 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 from nibble.train import QConv2d, QLinear, Recipe, get_recipe
 from nibble.train.formats import RADIX2, RADIX4_EVEN, RADIX4_ODD, quantize_log, quantize_mxfp4, quantize_nvfp4
 from nibble.train.quantizers import (
-    grad_scale, quantize_activation_pact, quantize_grad_log, quantize_weight_sawb, random_hadamard, random_signs, sawb_clip,
+    grad_scale, quantize_activation_pact, quantize_grad_log, quantize_weight_sawb, random_hadamard, random_signs,
+    sawb_clip,
 )
 
 BACKWARD_SEED = 123
+
 
 def _log_grad(fmt, rounding: str = "nearest"):
     """Per-tensor GradScale and one logarithmic format (``None``: fp32), as ``q(g, reduction_dim)``."""

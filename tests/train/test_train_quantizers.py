@@ -154,6 +154,8 @@ def test_block_grad_scale_fits_each_block():
         for block in (slice(0, 4), slice(4, 8)):
             part = g[row, block]
             assert torch.equal(q[row, block], quantize_log(part, grad_scale(part), RADIX4_EVEN))
+    with pytest.raises(ConfigError, match="dimension"):
+        quantize_grad_log(g, RADIX4_EVEN, block=4)
 
 
 def test_dithered_grad_scale_gives_every_value_the_same_expected_gain():
