@@ -9,6 +9,7 @@ one thread, WikiText-2 perplexity per byte of the first 262,144 bytes, as ``trai
 ``--fidelity-every N`` instead prints, every N steps of each variant's training, the cosine of every
 quantized layer's weight gradient to the exact gradient of the same INT4 forward pass
 (``--fidelity-window W``: over W consecutive steps, per step and of their sum).
+``--signed-clip`` swaps how the INT4 forward clips signed activations (``SIGNED_CLIPS``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nibble.train import layers
 from nibble.train.layers import QLinear
+from nibble.train.quantizers import init_pact_alpha, pact_clip, sawb_clip
 from nibble.train.recipes import RECIPES, Recipe
 from nibble.train.tasks.lm import LMConfig, run_lm
 
@@ -56,12 +59,55 @@ VARIANTS: dict[str, Recipe] = {r.name: r for r in (
            **_FORWARD, dgrad_grad="log4-even-sr-b32", wgrad_grad="log4-odd-sr-b32"),
     Recipe("ibm-fp4-dither-tensor", "both, nearest, one GradScale per tensor shifted by a random 2^u, u in [0, 2)",
            **_FORWARD, dgrad_grad="log4-even-dither", wgrad_grad="log4-odd-dither"),
-    RECIPES["ibm-fp4-dither"],  # nearest, a dithered GradScale per 32 values along the reduction
+    Recipe("ibm-fp4-dither-biased", "both, nearest, a dithered GradScale per 32 values along each GEMM's "
+           "reduction, not divided by its mean gain (ibm-fp4-dither of session 9)", **_FORWARD,
+           dgrad_grad="log4-even-dither-b32", wgrad_grad="log4-odd-dither-b32"),
+    RECIPES["ibm-fp4-dither"],  # the same, divided by the dither's mean gain 1.2/ln 4: unbiased
+    Recipe("dgrad-dither-biased", "INT4 forward + ibm-fp4-dither-biased's FP4 dY in the input-gradient GEMM only",
+           **_FORWARD, dgrad_grad="log4-even-dither-b32"),
+    Recipe("dgrad-dither", "INT4 forward + ibm-fp4-dither's FP4 dY in the input-gradient GEMM only", **_FORWARD,
+           dgrad_grad="log4-even-udither-b32"),
+    Recipe("wgrad-dither-biased", "INT4 forward + ibm-fp4-dither-biased's FP4 dY in the weight-gradient GEMM only",
+           **_FORWARD, wgrad_grad="log4-odd-dither-b32"),
     Recipe("radix2", "radix-2 FP4 on both, nearest", **_FORWARD, dgrad_grad="log2", wgrad_grad="log2"),
     Recipe("radix2-geo", "radix-2 FP4 on both, nearest in the log domain", **_FORWARD, dgrad_grad="log2-geo",
            wgrad_grad="log2-geo"),
     Recipe("radix2-sr", "radix-2 FP4 on both, stochastic", **_FORWARD, dgrad_grad="log2-sr", wgrad_grad="log2-sr"),
 )}
+
+
+def _masked_signed_clip(clip):
+    """A ``_clip_and_plan`` that clips signed inputs at ``clip(x)`` with PACT's gradient mask
+    (clipped elements get no gradient) instead of the library's straight-through gradient."""
+    def clip_and_plan(self, x: torch.Tensor):
+        if self.recipe.uses_pact:
+            if not self.alpha_ready:
+                self._init_alpha(x)
+            if self.pact_signed:
+                alpha = clip(x)
+                return pact_clip(x, alpha, True), self.recipe.plan(alpha, True)
+        return _LIBRARY_CLIP(self, x)
+    return clip_and_plan
+
+
+_LIBRARY_CLIP = layers._QuantizedMixin._clip_and_plan
+SIGNED_CLIPS = {  # how the INT4 forward clips signed activations (LayerNorm and attention outputs)
+    "sawb": _LIBRARY_CLIP,  # the library's: SAWB clip per batch, gradients straight through
+    "sawb-masked": _masked_signed_clip(lambda x: sawb_clip(x, 4)),  # before session 10
+    "mse-masked": _masked_signed_clip(  # least-squared-error clip per batch
+        lambda x: torch.tensor(init_pact_alpha(x, 4, signed=True, candidates=32, sample=2 ** 14))),
+    "max-masked": _masked_signed_clip(lambda x: x.detach().abs().max()),  # no clipping
+}
+
+
+@contextmanager
+def signed_clip(name: str):
+    """Temporarily clip the quantized layers' signed inputs as ``SIGNED_CLIPS[name]`` says."""
+    layers._QuantizedMixin._clip_and_plan = SIGNED_CLIPS[name]
+    try:
+        yield
+    finally:
+        layers._QuantizedMixin._clip_and_plan = _LIBRARY_CLIP
 
 
 @contextmanager
@@ -149,10 +195,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="every N steps, print each layer's weight-gradient cosine to the exact gradient")
     parser.add_argument("--fidelity-window", type=int, default=1, metavar="W",
                         help="with --fidelity-every: W consecutive steps from every N-th; also the cosine of their sum")
+    parser.add_argument("--signed-clip", choices=tuple(SIGNED_CLIPS), default="sawb",
+                        help="how signed activations are clipped (an ablation of the library's default, sawb)")
     args = parser.parse_args(argv)
     if args.fidelity_every and not 1 <= args.fidelity_window <= args.fidelity_every:
         parser.error("--fidelity-window must be between 1 and --fidelity-every")
     torch.set_num_threads(1)
+    with signed_clip(args.signed_clip):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.fidelity_every:
         for name in args.variants:
             fidelity = Fidelity(args.fidelity_every, args.fidelity_window)

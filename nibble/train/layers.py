@@ -111,14 +111,21 @@ class _QuantizedMixin:
     def _clip_and_plan(self, x: torch.Tensor) -> tuple[torch.Tensor, GemmPlan]:
         """Clip x for the INT4 activation quantizer: PACT's learned clip for non-negative inputs,
         the SAWB clip of this x for signed ones (a learned symmetric clip collapsed far below
-        the input range on the LM's attention output; docs/training.md)."""
+        the input range on the LM's attention output; docs/training.md).
+
+        Signed inputs are not clipped here: the symmetric INT4 quantizer saturates at the clip,
+        and the gradient passes straight through to every element, clipped or not, as it does for
+        the SAWB-clipped weights. PACT masks the clipped elements' gradient because its clip
+        learns from it; a clip fitted from statistics learns nothing, and masking would only cut
+        the gradient of the largest inputs (the LayerNorm outputs' outlier channels)."""
         if not self.recipe.uses_pact:
             return x, self.recipe.plan()
         if not self.alpha_ready:
             self._init_alpha(x)
-        signed = bool(self.pact_signed)
-        alpha = sawb_clip(x, PACT_BITS) if signed else self.alpha.clamp_min(MIN_ALPHA)
-        return pact_clip(x, alpha, signed), self.recipe.plan(alpha.detach(), signed)
+        if self.pact_signed:
+            return x, self.recipe.plan(sawb_clip(x, PACT_BITS), signed=True)
+        alpha = self.alpha.clamp_min(MIN_ALPHA)
+        return pact_clip(x, alpha), self.recipe.plan(alpha.detach())
 
     @torch.no_grad()
     def _init_alpha(self, x: torch.Tensor) -> None:

@@ -57,6 +57,9 @@ def _static_quantizers() -> dict[str, Quantizer]:
         # a random shift of the GradScale by up to one grid period (one draw per tensor)
         table[f"{name}-dither"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, dither=True)
         table[f"{name}-dither-b32"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, dim=dim, block=32, dither=True)
+        # the same, divided by the dither's expected gain (an unbiased scale)
+        table[f"{name}-udither-b32"] = lambda t, dim, fmt=fmt: quantize_grad_log(t, fmt, dim=dim, block=32, dither=True,
+                                                                                debias=True)
     # radix-4 phases alternating along the GEMM's reduction (starting even / odd)
     for start, fmt in (("even", RADIX4_EVEN), ("odd", RADIX4_ODD)):
         table[f"log4-{start}-alt"] = lambda t, dim, fmt=fmt: interleaved_two_phase_round(t, dim, fmt)

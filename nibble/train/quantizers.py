@@ -7,7 +7,7 @@
   ``[-alpha, alpha]`` for signed inputs) and quantized with step ``alpha / qmax``; the gradient
   reaching ``alpha`` is the sum of the upstream gradient where the input was clipped. (The
   quantized layers learn the clip of non-negative inputs only; signed inputs take the SAWB clip
-  of each batch, see ``nibble.train.layers``.)
+  of each batch, with straight-through gradients, see ``nibble.train.layers``.)
 * GradScale: a per-tensor power-of-two scale that maps the largest gradient onto the top of the
   logarithmic FP4 range (``max|g| / scale`` in ``(1/2, 1]``), re-computed at every backward.
 * Two-phase rounding (Sun et al., 2020): the same gradient rounded onto even powers of two for one
@@ -166,8 +166,17 @@ def grad_scale(g: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(mantissa), exponent - (mantissa == 0.5).int())
 
 
+def dither_gain(fmt: LogFormat) -> float:
+    """Expected gain (rounded / value) of round-to-nearest on ``fmt``'s grid for a value at a
+    uniformly random position of its log-periodic grid: ``2(r-1) / ((r+1)·ln r)``, ``r`` the radix
+    (0.866 for radix 4, 0.962 for radix 2); away from saturation and underflow."""
+    radix = 2.0 ** fmt.step
+    return 2 * (radix - 1) / ((radix + 1) * math.log(radix))
+
+
 def quantize_grad_log(g: torch.Tensor, fmt: LogFormat, rounding: LogRounding = "nearest",
-                      dim: int | None = None, block: int = 0, dither: bool = False) -> torch.Tensor:
+                      dim: int | None = None, block: int = 0, dither: bool = False,
+                      debias: bool = False) -> torch.Tensor:
     """Logarithmic FP4 gradient with a per-tensor GradScale, or (``dim``: the GEMM's reduction
     dimension) one GradScale per output vector of the GEMM (an ablation of the per-tensor scale),
     or with ``block`` one per ``block`` consecutive values along ``dim`` (microscaling).
@@ -183,7 +192,8 @@ def quantize_grad_log(g: torch.Tensor, fmt: LogFormat, rounding: LogRounding = "
         scale = grad_scale(x, scale_dim)
         if dither:
             scale = scale * torch.exp2(uniform(scale.shape, x.device) * fmt.step)
-        return quantize_log(x, scale, fmt, rounding)
+        q = quantize_log(x, scale, fmt, rounding)
+        return q.div_(dither_gain(fmt)) if debias else q
 
     if block:
         if dim is None:

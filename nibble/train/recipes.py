@@ -6,7 +6,8 @@
 | `int4-forward`   | INT4 SAWB / INT4 PACT | fp32                                   | forward's INT4  |
 | `ibm-fp4`        | INT4 SAWB / INT4 PACT | radix-4 FP4, GradScale, two-phase      | forward's INT4  |
 | `ibm-fp4-sr`     | INT4 SAWB / INT4 PACT | as ibm-fp4, stochastic rounding        | forward's INT4  |
-| `ibm-fp4-dither` | INT4 SAWB / INT4 PACT | as ibm-fp4, dithered GradScale per 32  | forward's INT4  |
+| `ibm-fp4-dither` | INT4 SAWB / INT4 PACT | as ibm-fp4, dithered GradScale per 32, | forward's INT4  |
+|                  |                       | divided by its expected gain           |                 |
 | `fp4-radix2`     | INT4 SAWB / INT4 PACT | radix-2 FP4, GradScale                 | forward's INT4  |
 | `mxfp4`          | MXFP4 (nearest)       | MXFP4 stochastic, Hadamard on W-grad   | MXFP4 (nearest) |
 | `nvfp4`          | NVFP4 (nearest)       | NVFP4 stochastic, Hadamard on W-grad   | NVFP4 (nearest) |
@@ -93,8 +94,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("ibm-fp4-sr", "ibm-fp4 with the FP4 gradients rounded stochastically (unbiased) instead of to nearest",
            **_INT4_FORWARD, dgrad_grad="log4-even-sr", wgrad_grad="log4-odd-sr"),
     Recipe("ibm-fp4-dither", "ibm-fp4 with one GradScale per 32 gradient values along each GEMM's reduction, "
-           "each raised by a random 2^u (u in [0, 2)): nearest rounding without its bias",
-           **_INT4_FORWARD, dgrad_grad="log4-even-dither-b32", wgrad_grad="log4-odd-dither-b32"),
+           "each raised by a random 2^u (u in [0, 2)) and divided by the mean gain of nearest rounding "
+           "(1.2/ln 4): nearest rounding without its bias",
+           **_INT4_FORWARD, dgrad_grad="log4-even-udither-b32", wgrad_grad="log4-odd-udither-b32"),
     Recipe("fp4-radix2", "INT4 forward; radix-2 FP4 gradients with GradScale (control)",
            **_INT4_FORWARD, dgrad_grad="log2", wgrad_grad="log2"),
     Recipe("mxfp4", "MXFP4 GEMMs: nearest forward, stochastic gradients, Hadamard (32) on the weight gradient",

@@ -26,7 +26,7 @@ def _log_grad(fmt, rounding: str = "nearest"):
 
 
 def _dithered_blocks(fmt):
-    return lambda g, dim: quantize_grad_log(g, fmt, dim=dim, block=32, dither=True)
+    return lambda g, dim: quantize_grad_log(g, fmt, dim=dim, block=32, dither=True, debias=True)
 
 
 INT4_GRADS = {  # (input-gradient quantizer, weight-gradient quantizer)
@@ -61,8 +61,9 @@ CONV = Gemms(forward=lambda x, w: F.conv2d(x, w, stride=2, padding=1),
 
 
 def int4_reference(name: str, layer, x: torch.Tensor, g: torch.Tensor, ops: Gemms) -> dict:
-    """Signed inputs: the SAWB clip of x, re-fitted at every call (no gradient); non-negative ones:
-    PACT's learned clip and its gradient."""
+    """Signed inputs: the SAWB clip of x, re-fitted at every call, gradients straight through to
+    every element; non-negative ones: PACT's learned clip, the clipped elements' gradient going to
+    the clip."""
     signed = bool(layer.pact_signed)
     alpha = sawb_clip(x) if signed else layer.alpha.detach()
     low = -alpha if signed else torch.zeros(())
@@ -72,9 +73,9 @@ def int4_reference(name: str, layer, x: torch.Tensor, g: torch.Tensor, ops: Gemm
     dgrad_q, wgrad_q = INT4_GRADS[name]
     torch.manual_seed(BACKWARD_SEED)  # the layer's backward draws its random bits in this order
     dx_clipped = ops.dgrad(dgrad_q(g, 1), wq, x)  # reduction over output features (channels)
-    outside_low = x <= low if signed else x < 0
+    inside = torch.ones_like(x, dtype=torch.bool) if signed else (x < alpha) & (x >= 0)
     reference = {"y": ops.forward(xq, wq) + b.view(ops.bias_shape),
-                 "dx": dx_clipped * ((x < alpha) & ~outside_low),
+                 "dx": dx_clipped * inside,
                  "dw": ops.wgrad(wgrad_q(g, 0), xq, w)}  # reduction over rows (batch, positions)
     if not signed:
         reference["dalpha"] = dx_clipped[x >= alpha].sum()
@@ -134,6 +135,10 @@ def test_linear_on_three_dimensional_inputs_with_signed_pact():
     reference = int4_reference("ibm-fp4", layer, x.reshape(32, 32), g.reshape(32, 16), LINEAR)
     for key, value in reference.items():
         assert torch.allclose(got[key].reshape(value.shape), value, rtol=1e-4, atol=1e-4), key
+    # inputs beyond the SAWB clip saturate in the forward but keep their gradient
+    clipped = x.abs() >= sawb_clip(x)
+    assert 0 < int(clipped.sum()) < x.numel() // 10
+    assert bool((got["dx"][clipped] != 0).all())
 
 
 def test_all_fp32_recipe_is_exactly_the_float_layer():

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from nibble.errors import ConfigError
-from nibble.train.formats import RADIX4_EVEN, RADIX4_ODD, int_levels, quantize_int, quantize_log
+from nibble.train.formats import RADIX2, RADIX4_EVEN, RADIX4_ODD, int_levels, quantize_int, quantize_log
 from nibble.train.quantizers import (
-    SAWB_COEFFICIENTS, fit_sawb_coefficients, grad_scale, hadamard_matrix, init_pact_alpha, mse_optimal_clip,
-    interleaved_two_phase_round, pact_clip, quantize_activation_pact, quantize_grad_log, quantize_weight_sawb,
-    random_hadamard, random_signs, sawb_clip, two_phase_round,
+    SAWB_COEFFICIENTS, dither_gain, fit_sawb_coefficients, grad_scale, hadamard_matrix, init_pact_alpha,
+    interleaved_two_phase_round, mse_optimal_clip, pact_clip, quantize_activation_pact, quantize_grad_log,
+    quantize_weight_sawb, random_hadamard, random_signs, sawb_clip, two_phase_round,
 )
 
 SAMPLES = {
@@ -169,6 +169,21 @@ def test_dithered_grad_scale_gives_every_value_the_same_expected_gain():
     gains = quantize_grad_log(g, RADIX4_EVEN, dim=1, dither=True)[:, 1:].mean(0) / g[0, 1:]  # a draw per row
     assert float(gains_nearest.max() - gains_nearest.min()) > 0.8
     assert torch.allclose(gains, torch.full_like(gains, 1.2 / math.log(4)), rtol=0.015)
+    # divided by that gain, the dithered gradient is unbiased for every value
+    torch.manual_seed(0)
+    unbiased = quantize_grad_log(g, RADIX4_EVEN, dim=1, dither=True, debias=True)[:, 1:].mean(0) / g[0, 1:]
+    assert torch.allclose(unbiased, torch.ones_like(unbiased), rtol=0.015)
+
+
+@pytest.mark.parametrize("fmt, expected", [(RADIX4_EVEN, 1.2 / math.log(4)), (RADIX4_ODD, 1.2 / math.log(4)),
+                                           (RADIX2, (2 / 3) / math.log(2))])
+def test_dither_gain_is_the_mean_gain_of_nearest_rounding_over_one_grid_period(fmt, expected):
+    assert dither_gain(fmt) == pytest.approx(expected, rel=1e-12)
+    # numerically: the gain of a value at position t of the log-periodic grid, averaged over t
+    positions = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000 * fmt.step
+    values = torch.exp2(fmt.bottom + 2 * fmt.step + positions).float()  # away from both ends
+    gains = quantize_log(values, 1.0, fmt) / values
+    assert float(gains.double().mean()) == pytest.approx(expected, rel=1e-4)
 
 
 def test_dithered_block_scales_put_each_block_on_its_own_shifted_grid():
