@@ -9,7 +9,8 @@ one thread, WikiText-2 perplexity per byte of the first 262,144 bytes, as ``trai
 ``--fidelity-every N`` instead prints, every N steps of each variant's training, the cosine of every
 quantized layer's weight gradient to the exact gradient of the same INT4 forward pass
 (``--fidelity-window W``: over W consecutive steps, per step and of their sum).
-``--signed-clip`` swaps how the INT4 forward clips signed activations (``SIGNED_CLIPS``).
+``--expected-gradient STEP DRAWS`` compares, per parameter group, the mean of DRAWS gradients at STEP
+with the exact one (the bias, without the noise). ``--signed-clip`` swaps how the INT4 forward clips signed activations (``SIGNED_CLIPS``).
 """
 
 from __future__ import annotations
@@ -124,13 +125,65 @@ def recipe_of(model: nn.Module, recipe: Recipe):
             m.recipe = r
 
 
-def weight_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Gradients of the quantized layers' weights on one batch (the model's grads are left cleared)."""
+def parameter_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of every parameter on one batch, by parameter name (the model's grads are left cleared)."""
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).backward()
-    grads = {name: m.weight.grad.clone() for name, m in model.named_modules() if isinstance(m, QLinear)}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return grads
+
+
+def weight_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of the quantized layers' weights on one batch, by layer name."""
+    grads = parameter_grads(model, inputs, targets)
+    return {name: grads[f"{name}.weight"] for name, m in model.named_modules() if isinstance(m, QLinear)}
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter names by kind: quantized weights, their biases, LayerNorms, embeddings, the fp32 head."""
+    groups: dict[str, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            if isinstance(module, QLinear):
+                kind = "quantized weights" if name == "weight" else "quantized layers' biases" if name == "bias" else None
+            else:
+                kind = {nn.Embedding: "embeddings", nn.LayerNorm: "LayerNorms", nn.Linear: "fp32 head"}.get(type(module))
+            if kind:
+                groups.setdefault(kind, []).append(f"{module_name}.{name}")
+    return groups
+
+
+class ExpectedGradient:
+    """At step ``at`` of a variant's training, the mean of ``draws`` gradients on that step's batch
+    (random rounding drawn afresh each time) against the exact gradient of the same INT4 forward,
+    per parameter group: cosine and norm ratio. Averaging removes the rounding noise and leaves the
+    bias, including a scale that per-layer cosines cannot see. The RNG state is restored."""
+
+    def __init__(self, at: int, draws: int, reference: Recipe = VARIANTS["int4-forward"]):
+        self.at, self.draws, self.reference = at, draws, reference
+        self.rows: dict[str, tuple[float, float]] = {}
+
+    def __call__(self, model: nn.Module, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if step != self.at:
+            return
+        rng = torch.get_rng_state()
+        with recipe_of(model, self.reference):
+            exact = parameter_grads(model, inputs, targets)
+        mean = {name: torch.zeros_like(g) for name, g in exact.items()}
+        for _ in range(self.draws):
+            for name, g in parameter_grads(model, inputs, targets).items():
+                mean[name] += g / self.draws
+        torch.set_rng_state(rng)
+        for kind, names in parameter_groups(model).items():
+            e = torch.cat([exact[n].flatten() for n in names])
+            m = torch.cat([mean[n].flatten() for n in names])
+            self.rows[kind] = (_cosine(m, e), float(m.norm() / e.norm()))
+
+    def table(self) -> str:
+        lines = ["| parameters | cosine | norm ratio |", "|---|---|---|"]
+        lines += [f"| {kind} | {cosine:.3f} | {ratio:.3f} |" for kind, (cosine, ratio) in self.rows.items()]
+        return "\n".join(lines)
 
 
 class Fidelity:
@@ -195,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="every N steps, print each layer's weight-gradient cosine to the exact gradient")
     parser.add_argument("--fidelity-window", type=int, default=1, metavar="W",
                         help="with --fidelity-every: W consecutive steps from every N-th; also the cosine of their sum")
+    parser.add_argument("--expected-gradient", type=int, nargs=2, metavar=("STEP", "DRAWS"),
+                        help="train to STEP, then compare the mean of DRAWS gradients with the exact one")
     parser.add_argument("--signed-clip", choices=tuple(SIGNED_CLIPS), default="sawb",
                         help="how signed activations are clipped (an ablation of the library's default, sawb)")
     args = parser.parse_args(argv)
@@ -206,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.expected_gradient:
+        step, draws = args.expected_gradient
+        for name in args.variants:
+            probe = ExpectedGradient(step, draws)
+            run_lm(VARIANTS[name], args.seed, LMConfig(max_steps=step + 1, eval_bytes=2 ** 12), progress=False,
+                   inspect=probe)
+            print(f"\n`{name}` (seed {args.seed}, step {step}): mean of {draws} gradients against the exact "
+                  f"gradient\n\n{probe.table()}", flush=True)
+        return 0
     if args.fidelity_every:
         for name in args.variants:
             fidelity = Fidelity(args.fidelity_every, args.fidelity_window)
