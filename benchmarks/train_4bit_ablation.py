@@ -10,7 +10,8 @@ one thread, WikiText-2 perplexity per byte of the first 262,144 bytes, as ``trai
 quantized layer's weight gradient to the exact gradient of the same INT4 forward pass
 (``--fidelity-window W``: over W consecutive steps, per step and of their sum).
 ``--expected-gradient STEP DRAWS`` compares, per parameter group, the mean of DRAWS gradients at STEP
-with the exact one (the bias, without the noise). ``--signed-clip`` swaps how the INT4 forward clips signed activations (``SIGNED_CLIPS``).
+with the exact one (the bias, without the noise). ``--signed-clip`` swaps how the INT4 forward clips
+signed activations (``SIGNED_CLIPS``).
 """
 
 from __future__ import annotations
@@ -142,13 +143,12 @@ def weight_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     """Parameter names by kind: quantized weights, their biases, LayerNorms, embeddings, the fp32 head."""
+    plain = {nn.Embedding: "embeddings", nn.LayerNorm: "LayerNorms", nn.Linear: "fp32 head"}
+    quantized = {"weight": "quantized weights", "bias": "quantized layers' biases"}
     groups: dict[str, list[str]] = {}
     for module_name, module in model.named_modules():
         for name, _ in module.named_parameters(recurse=False):
-            if isinstance(module, QLinear):
-                kind = "quantized weights" if name == "weight" else "quantized layers' biases" if name == "bias" else None
-            else:
-                kind = {nn.Embedding: "embeddings", nn.LayerNorm: "LayerNorms", nn.Linear: "fp32 head"}.get(type(module))
+            kind = quantized.get(name) if isinstance(module, QLinear) else plain.get(type(module))
             if kind:
                 groups.setdefault(kind, []).append(f"{module_name}.{name}")
     return groups
