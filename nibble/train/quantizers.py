@@ -186,8 +186,13 @@ def quantize_grad_log(g: torch.Tensor, fmt: LogFormat, rounding: LogRounding = "
     on where it falls on the log-periodic grid, the same at every step: a bias that momentum
     accumulates. The random shift makes that position uniform, so the expected gain is the same
     for every value, while the rounding stays deterministic (one random number per scale, not per
-    element as in stochastic rounding).
+    element as in stochastic rounding). ``debias`` (with ``dither`` and nearest rounding) divides
+    the result by that expected gain, :func:`dither_gain`, making it unbiased.
     """
+    if debias and not (dither and rounding == "nearest"):
+        raise ConfigError("debias divides out the mean gain of dithered round-to-nearest: it needs "
+                          "dither=True and rounding='nearest'")
+
     def quantize(x: torch.Tensor, scale_dim: int | None) -> torch.Tensor:
         scale = grad_scale(x, scale_dim)
         if dither:

@@ -173,6 +173,9 @@ def test_dithered_grad_scale_gives_every_value_the_same_expected_gain():
     torch.manual_seed(0)
     unbiased = quantize_grad_log(g, RADIX4_EVEN, dim=1, dither=True, debias=True)[:, 1:].mean(0) / g[0, 1:]
     assert torch.allclose(unbiased, torch.ones_like(unbiased), rtol=0.015)
+    for options in (dict(), dict(dither=True, rounding="stochastic")):
+        with pytest.raises(ConfigError, match="dither"):
+            quantize_grad_log(g, RADIX4_EVEN, debias=True, **options)
 
 
 @pytest.mark.parametrize("fmt, expected", [(RADIX4_EVEN, 1.2 / math.log(4)), (RADIX4_ODD, 1.2 / math.log(4)),
