@@ -115,14 +115,14 @@ def signed_clip(name: str):
 @contextmanager
 def recipe_of(model: nn.Module, recipe: Recipe):
     """Temporarily run every quantized layer of ``model`` under ``recipe`` (same PACT clips)."""
-    layers = [m for m in model.modules() if isinstance(m, QLinear)]
-    saved = [m.recipe for m in layers]
-    for m in layers:
+    quantized = [m for m in model.modules() if isinstance(m, QLinear)]
+    saved = [m.recipe for m in quantized]
+    for m in quantized:
         m.recipe = recipe
     try:
         yield
     finally:
-        for m, r in zip(layers, saved):
+        for m, r in zip(quantized, saved):
             m.recipe = r
 
 

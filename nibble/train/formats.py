@@ -244,7 +244,7 @@ E2M1_EMAX = 2  # exponent of E2M1's largest power of two (6 = 1.5 * 2^2)
 
 
 def blockwise(x: torch.Tensor, dim: int, block: int,
-               fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+              fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
     """Apply ``fn(blocks, axis)`` to ``x`` viewed with ``dim`` split into ``[n_blocks, block]``.
 
     ``axis`` is the within-block axis of the view; ``dim`` is zero-padded to a multiple of ``block``.

@@ -72,13 +72,13 @@ def int4_reference(name: str, layer, x: torch.Tensor, g: torch.Tensor, ops: Gemm
     wq = quantize_weight_sawb(w)
     dgrad_q, wgrad_q = INT4_GRADS[name]
     torch.manual_seed(BACKWARD_SEED)  # the layer's backward draws its random bits in this order
-    dx_clipped = ops.dgrad(dgrad_q(g, 1), wq, x)  # reduction over output features (channels)
+    dx_unmasked = ops.dgrad(dgrad_q(g, 1), wq, x)  # reduction over output features (channels)
     inside = torch.ones_like(x, dtype=torch.bool) if signed else (x < alpha) & (x >= 0)
     reference = {"y": ops.forward(xq, wq) + b.view(ops.bias_shape),
-                 "dx": dx_clipped * inside,
+                 "dx": dx_unmasked * inside,
                  "dw": ops.wgrad(wgrad_q(g, 0), xq, w)}  # reduction over rows (batch, positions)
     if not signed:
-        reference["dalpha"] = dx_clipped[x >= alpha].sum()
+        reference["dalpha"] = dx_unmasked[x >= alpha].sum()
     return reference
 
 
