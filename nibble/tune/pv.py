@@ -140,26 +140,12 @@ class PVTuner:
         tau = self.config.effective_tau
         do_v = tau > 0 and self.step >= self.config.v_start and self.step % self.config.v_every == 0
         track_only = tau > 0 and not do_v  # keep the V-step moments current
-        for p in self.params.values():
-            p.grad = None
-        needs_dense_grad = do_v or track_only or any(self.layer_params.values())
-        for name in self.layers:
-            self.decoded(name).requires_grad_(needs_dense_grad)
-            self.dense[name].grad = None
         factor = self.config.lr_factor(self.step)
         self.p_opt.lr, self.v_opt.lr = self.config.lr * factor, self.config.v_lr * factor
-        tokens = len(indices) * self.windows.shape[1]
-        loss = 0.0
-        for batch in self.dist.share(self.microbatches(indices)):
-            kl = self._kl(self.windows[batch].to(self.device), self.teacher.get(batch))
-            (kl / tokens).backward()
-            loss += kl.item()
-        (loss,) = self.dist.sum_scalars(loss)
-        grads = self._reduce_layer_grads()
-        self._all_reduce_grads()
+        loss, grads = self._backward(indices, do_v or track_only or any(self.layer_params.values()))
         self.p_opt.step(self.params)
         self.dense.clear()
-        result = StepResult(loss / tokens)
+        result = StepResult(loss)
         if do_v:
             self._v_steps(grads, result)
         elif track_only:
@@ -168,22 +154,56 @@ class PVTuner:
         self.step += 1
         return result
 
+    def dense_gradients(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """dL/dŴ of the mean token KL on the batch ``indices`` for every quantized layer this rank
+        owns (summed over ranks), without changing the student or the optimizers."""
+        _, grads = self._backward(indices, True, into_params=False)
+        for p in self.params.values():
+            p.grad = None
+        for dense in self.dense.values():
+            dense.grad = None
+        return grads
+
+    def _backward(self, indices: list[int], dense_grad: bool, into_params: bool = True
+                  ) -> tuple[float, dict[str, torch.Tensor]]:
+        """Forward and backward of the batch's KL: its mean token KL and the owned layers' dL/dŴ
+        (with ``into_params``, the continuous parameters' gradients are in ``.grad``, summed over ranks)."""
+        for p in self.params.values():
+            p.grad = None
+        for name in self.layers:
+            self.decoded(name).requires_grad_(dense_grad)
+            self.dense[name].grad = None
+        tokens = len(indices) * self.windows.shape[1]
+        loss = 0.0
+        for batch in self.dist.share(self.microbatches(indices)):
+            kl = self._kl(self.windows[batch].to(self.device), self.teacher.get(batch))
+            (kl / tokens).backward()
+            loss += kl.item()
+        (loss,) = self.dist.sum_scalars(loss)
+        grads = self._reduce_layer_grads(into_params)
+        if into_params:
+            self._all_reduce_grads()
+        return loss / tokens, grads
+
     def _kl(self, ids: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
         hidden = final_hidden(self.student, ids)
         return chunked_kl(hidden, Head.of(self.student), teacher_hidden, self.teacher.head,
                           self.config.kl_rows, self.config.kl_cols)
 
-    def _reduce_layer_grads(self) -> dict[str, torch.Tensor]:
-        """Sum each dL/dŴ onto the layer's owner, which backpropagates it through ``dequantize()``
-        into the layer's scales / codebooks and shares those gradients. Returns the owned dL/dŴ."""
+    def _reduce_layer_grads(self, into_params: bool = True) -> dict[str, torch.Tensor]:
+        """Sum each dL/dŴ onto the layer's owner, which (with ``into_params``) backpropagates it
+        through ``dequantize()`` into the layer's scales / codebooks and shares those gradients.
+        Returns the owned dL/dŴ."""
         grads = {}
         for index, (name, layer) in enumerate(self.layers.items()):
             owner, dense = self.dist.owner(index), self.dense[name]
             grad = self.dist.reduce_to_(dense.grad if dense.grad is not None else torch.zeros_like(dense), owner)
             if owner == self.dist.rank:
                 grads[name] = grad
-                if self.layer_params[name]:
+                if self.layer_params[name] and into_params:
                     torch.autograd.backward(layer.dequantize(), grad)
+            if not into_params:
+                continue
             for p in self.layer_params[name]:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
