@@ -1,4 +1,4 @@
-"""``nibble finetune`` end to end: output folder, resume, two gloo processes, bad input."""
+"""``nibble finetune`` end to end: output folder, resume, two gloo processes, export, bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import save_transformers_model
 from nibble.cli import main
-from nibble.formats.checkpoint import read_json
+from nibble.formats.checkpoint import read_json, save_quantized
+from nibble.formats.hf_export import import_hf
 from nibble.models import load_model
 from nibble.tune import TuneConfig, TuneData, finetune_to_dir
 from nibble.tune.distributed import spawn_local
@@ -130,3 +131,22 @@ def test_a_hessian_metric_on_a_scalar_model_is_refused_and_the_folder_stays_usab
     code, _, err = run_cli(capsys, *args, "--v-metric", "hessian")
     assert code == 2 and "--v-metric hessian needs" in err and "scalar" in err
     assert run_cli(capsys, *args)[0] == 0  # the same --out, now with a valid setting
+
+
+def test_a_tuned_aqlm_model_exports_like_the_model_it_came_from(capsys, tmp_path, tokenizer, teacher, corpus_file,
+                                                                 make_aqlm_student):
+    teacher_dir = save_transformers_model(teacher, tokenizer, tmp_path / "teacher")
+    save_quantized(make_aqlm_student(teacher), tokenizer, tmp_path / "q", {"method": "aqlm"}, torch.float32)
+    code, _, err = run_cli(capsys, "finetune", tmp_path / "q", "--teacher", teacher_dir, "--out", tmp_path / "ft",
+                           *tune_args(corpus_file))
+    assert code == 0, err
+    for name in ("q", "ft"):
+        code, _, err = run_cli(capsys, "export", tmp_path / name, "--out", tmp_path / f"{name}-hf")
+        assert code == 0, err
+    source, tuned = (read_json(tmp_path / f"{name}-hf" / "config.json")["quantization_config"] for name in ("q", "ft"))
+    assert tuned == source and tuned["quant_method"] == "aqlm"
+    exported, model = import_hf(tmp_path / "ft-hf"), load_model(str(tmp_path / "ft"))
+    assert any(not torch.equal(a, weights(tmp_path / "q")[k]) for k, a in weights(tmp_path / "ft").items())
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
