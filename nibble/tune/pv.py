@@ -158,10 +158,8 @@ class PVTuner:
         """dL/dŴ of the mean token KL on the batch ``indices`` for every quantized layer this rank
         owns (summed over ranks), without changing the student or the optimizers."""
         _, grads = self._backward(indices, True, into_params=False)
-        for p in self.params.values():
+        for p in self.params.values():  # the norms' gradients from the backward pass
             p.grad = None
-        for dense in self.dense.values():
-            dense.grad = None
         return grads
 
     def _backward(self, indices: list[int], dense_grad: bool, into_params: bool = True

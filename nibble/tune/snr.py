@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nibble.tune.vstep import group_view
+from nibble.tune.vstep import group_sq_norms, group_view
 
 
 class GradientMoments:
@@ -82,7 +82,6 @@ class GradientSNR:
 def gradient_snr(moments: GradientMoments, group_shape: tuple[int, int], tokens: int) -> GradientSNR:
     """The signal and noise of ``moments`` (samples of ``tokens`` tokens each), also per group."""
     mean, variance = moments.mean_and_variance()
-    group_signal = (group_view(mean * mean, group_shape).sum(dim=(1, 3))
-                    - group_view(variance, group_shape).sum(dim=(1, 3)) / moments.count)
     group_noise = group_view(variance, group_shape).sum(dim=(1, 3))
+    group_signal = group_sq_norms(mean, group_shape) - group_noise / moments.count
     return GradientSNR(float(group_signal.sum()), float(group_noise.sum()), tokens, group_signal, group_noise)
